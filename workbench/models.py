@@ -145,7 +145,8 @@ def load_model(name: str | None = None, device: str | None = None,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     place = default_placement(device, dtype)
-    key = (name or EMBEDDED_NAME, str(place.device), place.dtype)
+    canonical = EMBEDDED_NAME if name is None or name.lower() in EMBEDDED_ALIASES else name
+    key = (canonical, str(place.device), place.dtype)
     if key in _MODELS:
         return _MODELS[key]
     source, extra = _resolve(name)
@@ -171,7 +172,7 @@ def load_model(name: str | None = None, device: str | None = None,
         tokenizer.pad_token = tokenizer.eos_token
     model.to(place.device).eval()
     _MODELS[key] = (model, tokenizer)
-    return model, tokenizer
+    return _MODELS[key]
 
 
 def chat_prompt(tokenizer, messages: list[dict] | str, add_generation_prompt: bool = True) -> str:
