@@ -12,7 +12,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 # Quiet spinning OpenMP threads on a shared 2-core machine (same results, often much faster).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup lab test lint notebooks app-compression clean
+.PHONY: setup lab test lint notebooks browser clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,14 @@ $(STAMP): pyproject.toml requirements-embedded.txt
 lab: setup
 	$(BIN)/jupyter lab $(ROOT_FLAG) $(LAB_ARGS) notebooks/00_index.ipynb
 
-test: setup
+# Headless Chromium for the apps' browser tests (Debian's package). Best effort: where it cannot
+# be installed the browser tests skip with the reason, except under CI=true, where they fail.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+		    >/dev/null) ; } || echo "chromium not installed: browser tests will skip"
+
+test: setup browser
 	TRITON_INTERPRET=1 WORKBENCH_STATIC_FIGURES=1 $(BIN)/python -m pytest
 
 lint: setup
