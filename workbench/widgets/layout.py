@@ -18,10 +18,10 @@ def controls_and_figure(controls: dict[str, W.ValueWidget], draw: Callable[..., 
                         columns: int = 3):
     """Lay `controls` out above the figure returned by `draw(**{name: control.value})`.
 
-    Live: returns a `VBox` whose FigureWidget is redrawn in place whenever a control changes.
+    Live: returns a `VBox` of control rows above a FigureWidget (also at `.figure`) that is
+    redrawn in place whenever a control changes (`.redraw()` forces it).
     Headless (see `is_static`): returns the figure for the controls' current values, so an
-    executed notebook shows the default view. Either way `.figure` holds the current figure
-    (on the returned object for live mode, via the attribute set on the function result).
+    executed notebook shows the default view.
     """
     values = {name: _value(c) for name, c in controls.items()}
     first = draw(**values)
