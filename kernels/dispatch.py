@@ -9,8 +9,9 @@ one to run. The rules, in order:
   ``TRITON_INTERPRET=1`` in the environment before Python imports `kernels` (``make test``
   does). Otherwise, and when triton is not installed or the dtype is not supported, it raises
   one clear `WorkbenchError` that says what to do.
-- ``"auto"`` (the default): Triton on CUDA tensors; on CPU tensors Triton when the kernel was
-  defined under ``TRITON_INTERPRET=1``, the reference otherwise. Where Triton cannot run (not
+- ``"auto"`` (the default): Triton on CUDA tensors, the reference on CPU tensors (also under
+  ``TRITON_INTERPRET=1``: the interpreter is for testing kernels, far too slow for notebooks and
+  evaluations, so it runs only when ``"triton"`` is asked for). Where Triton cannot run (not
   installed, an unsupported dtype, another device such as MPS) it quietly uses the reference,
   which computes the same function.
 
@@ -106,4 +107,6 @@ def pick_backend(
 
     if backend == "triton" and reason:
         raise WorkbenchError(f"{op}: backend='triton' was asked for, but {reason}")
-    return "torch" if reason else "triton"
+    if reason or (backend == "auto" and device != "cuda"):  # interpreter only when named
+        return "torch"
+    return "triton"

@@ -214,8 +214,9 @@ def test_dispatch_rules():
         pick_backend("auto", [x, meta], _lse_merge_kernel)
     if HAS_TRITON:
         assert pick_backend("auto", [meta], _plain_function) == "torch"
-    if HAS_TRITON and is_interpreted(_lse_merge_kernel):
-        assert pick_backend("auto", [x], _lse_merge_kernel) == "triton"
+    if HAS_TRITON and is_interpreted(_lse_merge_kernel):  # interpreter: only when asked by name
+        assert pick_backend("auto", [x], _lse_merge_kernel) == "torch"
+        assert pick_backend("triton", [x], _lse_merge_kernel) == "triton"
     if torch.cuda.is_available() and HAS_TRITON:
         assert pick_backend("auto", [x.cuda()], _lse_merge_kernel) == "triton"
 
