@@ -104,12 +104,16 @@ class TaskFetchingUnit:
                     rec.inputs = tool.bind(args, kwargs) if args else dict(kwargs)
                 except ToolArgumentError as err:
                     rec.observation = Observation(False, None, str(err))
+                except (KeyError, IndexError, TypeError, AttributeError) as err:
+                    rec.observation = Observation(False, None, f"cannot read {err} from an "
+                                                  "input task's result")
                 else:
                     rec.observation = await tool.acall(rec.inputs, self.timeout)
                 rec.end = self.timeline.now()
                 rec.status = "done" if rec.observation.ok else "error"
                 self.timeline.add(self.lane, str(task), rec.start, rec.end, "tool",
-                                  idx=task.idx, status=rec.status, tool=task.tool)
+                                  idx=task.idx, status=rec.status, tool=task.tool,
+                                  planned=rec.planned, deps=list(task.deps))
         except asyncio.CancelledError:
             rec.status = "cancelled"
             raise

@@ -51,12 +51,14 @@ class PlanSyntaxError(ValueError):
 
 @dataclass(frozen=True)
 class Ref:
-    """A whole-value reference to the output of task `n` (`$n` or `${n}`)."""
+    """A whole-value reference to the output of task `n` (`$n` or `${n}`). `path`: a field of
+    that output ("a.b"); plans never write one, NESTFUL's `$var1.skyId$` converts to it."""
 
     n: int
+    path: str | None = None
 
     def __repr__(self) -> str:
-        return f"${self.n}"
+        return f"${self.n}" + (f".{self.path}" if self.path else "")
 
 
 @dataclass
@@ -259,7 +261,10 @@ def parse_arguments(text: str) -> tuple[list, dict]:
 def substitute(value, results: dict[int, object]):
     """Replace references by results: a Ref by the result itself, $N in a string by its text."""
     if isinstance(value, Ref):
-        return results[value.n]
+        out = results[value.n]
+        for key in (value.path.split(".") if value.path else ()):
+            out = out[key] if isinstance(out, dict) else getattr(out, key)
+        return out
     if isinstance(value, str):
         return REF_IN_TEXT.sub(lambda m: str(results[int(m.group(1) or m.group(2))]), value)
     if isinstance(value, list):

@@ -68,7 +68,12 @@ class Timeline:
         return sum(s.seconds for s in self.spans if s.kind == kind)
 
     def table(self) -> list[dict]:
-        """Rows for printing: lane, label, kind, start and end (s)."""
-        return [{"lane": s.lane, "label": s.label, "kind": s.kind,
-                 "start": round(s.start, 3), "end": round(s.end, 3)}
-                for s in sorted(self.spans, key=lambda s: s.start)]
+        """Rows: lane, label, kind, start and end (s), and meta_* fields."""
+        rows = []
+        for s in sorted(self.spans, key=lambda s: s.start):
+            row = {"lane": s.lane, "label": s.label, "kind": s.kind,
+                   "start": round(s.start, 3), "end": round(s.end, 3)}
+            row.update({f"meta_{k}": (round(v, 3) if isinstance(v, float) else v)
+                        for k, v in s.meta.items()})
+            rows.append(row)
+        return rows
