@@ -1,0 +1,219 @@
+"""Quality of squeezed attention vs KV budget on real long text, against baselines.
+
+    python -m workbench.squeezed.evaluate                      # writes
+        benchmarks/results/squeezed_quality.json (3 contexts of 3,584 tokens, ~15 min on 2 cores)
+    python -m workbench.squeezed.evaluate --tasks 1 --context-len 1024 --out /tmp  # quick look
+
+For each task (see `workbench.squeezed.tasks`) the fixed context is prefilled once (dense) and
+its cache is reused, copied, for every user input, as in the paper's setting. Two measures:
+
+- continuation perplexity: the real next `continuation_len` tokens as the user input (one
+  prefill call: selection per block of queries), perplexity of those tokens;
+- questions: for each fact placed far back in the context, the question as user input and a
+  greedy completion by `model.generate` (prefill + decode inside the context manager), checked
+  by substring.
+
+Methods at each budget: squeezed one-level and hierarchical (per block of 16 queries), squeezed
+one-level with one key set per input (the paper's granularity), and the baselines of
+`workbench.squeezed.selectors` (StreamingLLM-like, Quest-like, random, oracle), all keeping the
+same sink (and, except StreamingLLM-like, the same observation window). Budget 1 is dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.squeezed.attention import squeezed_attention
+from workbench.squeezed.capture import cache_kwargs, capture_context
+from workbench.squeezed.index import build_index
+from workbench.squeezed.selectors import (
+    OracleSelector,
+    QuestSelector,
+    RandomSelector,
+    StreamingSelector,
+)
+from workbench.squeezed.tasks import QualityTask, make_tasks
+
+BUDGETS = (1.0, 1 / 2, 1 / 4, 1 / 8, 1 / 16)
+METHODS = ("squeezed", "squeezed-hier", "squeezed-input", "streaming", "quest", "random",
+           "oracle")
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def method_context(model, method: str, index, budget: float, context_ids,
+                   block_size: int | None = 16):
+    """The `squeezed_attention` context manager for a method name at a budget."""
+    ns, win = index.n_sink, index.window
+    if method == "squeezed":
+        return squeezed_attention(model, index, budget, block_size=block_size)
+    if method == "squeezed-hier":
+        return squeezed_attention(model, index, budget, hierarchical=True, block_size=block_size)
+    if method == "squeezed-input":
+        return squeezed_attention(model, index, budget, block_size=None)
+    selectors = {
+        "streaming": lambda: StreamingSelector(budget, n_sink=ns, block_size=block_size),
+        "quest": lambda: QuestSelector(budget, n_sink=ns, window=win, block_size=block_size),
+        "random": lambda: RandomSelector(budget, n_sink=ns, window=win, block_size=block_size),
+        "oracle": lambda: OracleSelector(budget, n_sink=ns, window=win, block_size=block_size),
+    }
+    if method not in selectors:
+        raise WorkbenchError(f"Unknown method {method!r}; use one of {METHODS}.")
+    return squeezed_attention(model, selectors[method](), context_ids=context_ids)
+
+
+@torch.no_grad()
+def continuation_nll(model, cache, task: QualityTask, ctx) -> tuple[float, float]:
+    """Mean negative log-likelihood (nats) of the continuation given the cached context, and the
+    kept fraction, with the method's context manager `ctx` active."""
+    device = next(model.parameters()).device
+    cont = task.continuation_ids.to(device)
+    ids = torch.cat([task.context_ids.to(device), cont])[None]
+    with ctx as state:
+        out = model(ids[:, task.context_ids.numel():], use_cache=True,
+                    **cache_kwargs(model, copy.deepcopy(cache)))
+    logits = out.logits[0].float()                                          # (u, vocab)
+    # the first continuation token is predicted by the context's last position, which the dense
+    # cache prefill computed (the same for every method): score the other u - 1 tokens
+    targets = cont[1:]
+    nll = torch.nn.functional.cross_entropy(logits[:-1], targets, reduction="sum")
+    return float(nll) / targets.numel(), state.kept_fraction()
+
+
+@torch.no_grad()
+def answer(model, tokenizer, cache, task: QualityTask, fact, ctx, max_new_tokens: int = 8):
+    """Greedy completion of the question about `fact`; returns (text, correct, kept)."""
+    device = next(model.parameters()).device
+    q = task.question_ids(tokenizer, fact).to(device)
+    ids = torch.cat([task.context_ids.to(device), q])[None]
+    with ctx as state:
+        out = model.generate(ids, **cache_kwargs(model, copy.deepcopy(cache)), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return text, fact.answer.lower() in text.lower(), state.kept_fraction()
+
+
+def evaluate_task(model, tokenizer, task: QualityTask, budgets=BUDGETS, methods=METHODS,
+                  block_size: int | None = 16, window: int = 64, log=print) -> dict:
+    """Every method at every budget on one task. Returns {"task", "build_s", "rows"}."""
+    t0 = time.perf_counter()
+    cap = capture_context(model, task.context_ids, window=window)
+    index = build_index(model, capture=cap, window=window)
+    build_s = time.perf_counter() - t0
+    log(f"{task.name}: prefill + clustering {build_s:.0f} s")
+    rows = []
+    for budget in budgets:
+        for method in (methods if budget < 1 else ("dense",)):
+            t1 = time.perf_counter()
+            name = "squeezed" if method == "dense" else method
+            nll, kept = continuation_nll(model, cap.cache, task, method_context(
+                model, name, index, budget, task.context_ids, block_size))
+            answers = []
+            for fact in task.facts:
+                text, ok, kept_q = answer(model, tokenizer, cap.cache, task, fact, method_context(
+                    model, name, index, budget, task.context_ids, block_size))
+                answers.append({"answer": fact.answer, "got": text, "correct": ok,
+                                "kept": kept_q})
+            row = {"task": task.name, "method": method, "budget": budget, "nll": nll,
+                   "ppl": math.exp(nll), "kept_continuation": kept,
+                   "kept_questions": sum(a["kept"] for a in answers) / len(answers),
+                   "correct": sum(a["correct"] for a in answers), "questions": len(answers),
+                   "answers": answers, "seconds": time.perf_counter() - t1}
+            rows.append(row)
+            log(f"  {method:15s} budget {budget:.4g}: ppl {row['ppl']:.3f} kept "
+                f"{kept:.3f}/{row['kept_questions']:.3f} questions {row['correct']}/"
+                f"{row['questions']} ({row['seconds']:.0f} s)")
+    return {"task": task.name, "build_s": build_s, "rows": rows}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (method, budget): perplexity from the mean nll over tasks, its change vs dense in %,
+    question accuracy, mean kept fractions."""
+    dense = [r for r in rows if r["method"] == "dense"]
+    dense_nll = sum(r["nll"] for r in dense) / len(dense)
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["budget"]), []).append(r)
+    out = []
+    for (method, budget), rs in groups.items():
+        nll = sum(r["nll"] for r in rs) / len(rs)
+        out.append({"method": method, "budget": budget, "ppl": math.exp(nll),
+                    "ppl_change_pct": 100 * (math.exp(nll - dense_nll) - 1),
+                    "correct": sum(r["correct"] for r in rs),
+                    "questions": sum(r["questions"] for r in rs),
+                    "kept_continuation": sum(r["kept_continuation"] for r in rs) / len(rs),
+                    "kept_questions": sum(r["kept_questions"] for r in rs) / len(rs)})
+    return sorted(out, key=lambda r: (-r["budget"], METHODS.index(r["method"])
+                                      if r["method"] in METHODS else -1))
+
+
+def format_summary(summary: list[dict]) -> str:
+    lines = [f"{'method':15s} {'budget':>7s} {'ppl':>8s} {'vs dense':>9s} {'questions':>9s} "
+             f"{'kept':>11s}"]
+    for r in summary:
+        lines.append(f"{r['method']:15s} {r['budget']:7.4f} {r['ppl']:8.3f} "
+                     f"{r['ppl_change_pct']:+8.2f}% {r['correct']:4d}/{r['questions']:<4d} "
+                     f"{r['kept_continuation']:.3f}/{r['kept_questions']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=3)
+    parser.add_argument("--context-len", type=int, default=3584)
+    parser.add_argument("--continuation-len", type=int, default=256)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--budgets", default="1,1/2,1/4,1/8,1/16")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the JSON")
+    parser.add_argument("--name", default="squeezed_quality")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+
+    from benchmarks.harness import environment
+    from workbench.models import describe, load_model
+
+    model, tokenizer = load_model()
+    budgets = [float(eval(b, {})) for b in args.budgets.split(",")]  # "1/8" -> 0.125
+    methods = tuple(m for m in args.methods.split(",") if m)
+    tasks = make_tasks(tokenizer, args.tasks, args.context_len, args.continuation_len)
+    started = time.perf_counter()
+    results = [evaluate_task(model, tokenizer, t, budgets, methods, args.block_size,
+                             args.window) for t in tasks]
+    rows = [r for res in results for r in res["rows"]]
+    summary = summarize(rows)
+    print(format_summary(summary))
+    payload = {
+        "name": args.name,
+        "environment": environment("cpu"),
+        "model": {k: v for k, v in describe(model).items() if k != "device"},
+        "setup": {"tasks": [t.name for t in tasks], "context_len": args.context_len,
+                  "continuation_len": args.continuation_len, "block_size": args.block_size,
+                  "window": args.window, "n_sink": 4, "centroid_ratio": 0.05,
+                  "coarse_ratio": 0.125, "facts_per_task": len(tasks[0].facts),
+                  "text": "pydoc_data.topics (Python language reference), facts spliced in"},
+        "summary": summary,
+        "rows": rows,
+        "build_s": [r["build_s"] for r in results],
+        "seconds": time.perf_counter() - started,
+    }
+    import json
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.name}.json"
+    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
