@@ -1,0 +1,67 @@
+"""Predicted vs measured prefill and decode speed of the real SmolLM2-135M on this CPU.
+
+    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.bench_roofline_cpu   # writes results/roofline_cpu.json
+    python -m benchmarks.bench_roofline_cpu --out DIR                  # elsewhere
+
+Order: this machine's ceilings (workbench.roofline.microbench: streaming bandwidth and per-op
+latency from matrix-vector products, fp32 matrix rate), the software stack's fixed cost per op
+(the same architecture at width 64, `framework_latency`), then the embedded model (float32, real
+text from the Python docs) at several prompt lengths: one prefill pass, then greedy decode
+steps. Predictions use the measured ceilings, first without and then with the per-op cost.
+The CPU is shared with other processes here: every time is the fastest of its repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from benchmarks.harness import RESULTS_DIR, write_results
+from workbench.models import load_model
+from workbench.roofline.measure import compare, framework_latency, measure_speed
+from workbench.roofline.microbench import measure_this_machine
+from workbench.roofline.units import format_table
+
+CONTEXTS = (64, 256, 1024, 2048)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for roofline_cpu.json")
+    parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    contexts = tuple(int(c) for c in args.contexts.split(","))
+    model, tokenizer = load_model(device="cpu")
+    chip = measure_this_machine("cpu")
+    overhead = framework_latency(model)
+    rows = measure_speed(model, tokenizer, contexts=contexts, decode_steps=8, repeats=3)
+    chip_sw = chip.with_ceilings(op_latency=max(chip.op_latency, overhead["latency_s"]),
+                                 suffix=" + framework per-op cost")
+    roofline = compare(model, chip, rows)
+    with_overhead = compare(model, chip_sw, rows)
+    print(chip.name, f"streaming {chip.bandwidth / 1e9:.1f} GB/s, fp32 "
+          f"{chip.vector_flops / 1e9:.0f} GFLOP/s, op latency {chip.op_latency * 1e6:.1f} us; "
+          f"framework {overhead['latency_s'] * 1e6:.1f} us/op")
+    print("roofline with measured ceilings:\n" + format_table(roofline))
+    print("plus the framework's per-op cost:\n" + format_table(with_overhead))
+    meta = {"model": "SmolLM2-135M-Instruct (embedded, float32)", "threads": torch.get_num_threads(),
+            "ceilings": {"name": chip.name, "bandwidth_Bps": chip.bandwidth,
+                         "op_latency_s": chip.op_latency, "fp32_flops": chip.vector_flops,
+                         "memory_bytes": chip.memory, **chip.extra},
+            "framework": overhead, "seconds": round(time.perf_counter() - started, 1),
+            "timing": "fastest of repeats (shared CPU); decode: fastest of 8 steps x 3 repeats",
+            "text": "workbench.data.text.text_chunks (Python language reference)"}
+    for r, a, b in zip(rows, roofline, with_overhead, strict=True):
+        r.update(predicted_s=a["predicted ms"] / 1e3, ratio=a["ratio"],
+                 predicted_with_overhead_s=b["predicted ms"] / 1e3, ratio_with_overhead=b["ratio"])
+    path = write_results("roofline_cpu", rows, device="cpu", meta=meta, out_dir=args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
