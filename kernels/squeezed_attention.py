@@ -1,0 +1,230 @@
+"""Gathered (sparse) FlashAttention over kept key indices, for decode and prefill, split-KV.
+
+sparse_attention(q, k, v, indices, counts, block_size, scaling, causal_start=None)
+    Each (batch, KV head, block of queries) has its own list of kept key indices (counts[...]
+    of them, the rest of the row is padding). All query heads of the KV head's group and all
+    queries of the block attend exactly those keys, so one program loads each kept K/V row once
+    for group * block query rows (GQA shares the bytes). The list is cut into `n_splits` parts
+    (split-KV: enough programs to fill the GPU when there are few blocks, as in decode); each
+    part gives a partial output and log-sum-exp, merged by `kernels.lse_merge`.
+    causal_start: with it, key index j is visible to query t only if j <= causal_start + t
+    (the user tokens' own causal attention, with indices = positions). Without it, no mask
+    (the fixed context lies before every user query).
+
+squeezed_context_attention(q, k, v, mask, block_size, scaling)
+    mask (b, kv, n_blocks, n) -> `compact_mask` -> `sparse_attention`: what the online path runs
+    on a GPU for the context part.
+
+Bytes per (batch, KV head, block), one query block: kept * 2 * d * itemsize (K and V rows) +
+kept * 4 (indices) + rows * d * itemsize (q, o). A dense kernel reads n * 2 * d * itemsize: at a
+budget of 1/8 the kernel reads ~1/8 of the bytes (plus the indices, 4 / (2 * d * 2) = 1.6% of a
+key row at d = 128 in bf16). Random row gathers of 256 contiguous bytes still run near full
+bandwidth on a GPU.
+
+Shapes: q (b, hq, q_len, d); k, v (b, kv, n, d); indices (b, kv, n_blocks, L) int32 with counts
+(b, kv, n_blocks) int32. Returns (o (b, hq, q_len, d) in q.dtype, lse (b, hq, q_len) float32
+natural log; -inf and o = 0 for a query with no visible key).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernels.dispatch import HAS_TRITON, is_interpreted, pick_backend, tl, triton
+from kernels.lse_merge import merge_attention_partials
+from kernels.squeezed_lookup import _fp32_dot, block_layout, block_rows, compact_mask
+from workbench.errors import WorkbenchError
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------
+
+
+def sparse_attention_reference(q, k, v, indices, counts, block_size, scaling, causal_start=None):
+    """PyTorch reference: gather the kept rows, attend, in the precision a user would write
+    (scores from a matmul in the input dtype, softmax in float32, p cast back for p @ v)."""
+    b, hq, q_len, d = q.shape
+    kv = k.shape[1]
+    g = hq // kv
+    nb, bs = block_layout(q_len, block_size)
+    width = indices.shape[-1]
+    ok = torch.arange(width, device=q.device) < counts[..., None].long()    # (b, kv, nb, L)
+    safe = torch.where(ok, indices.long(), 0)
+    bi = torch.arange(b, device=q.device)[:, None, None, None]
+    hi = torch.arange(kv, device=q.device)[None, :, None, None]
+    kg, vg = k[bi, hi, safe], v[bi, hi, safe]                               # (b, kv, nb, L, d)
+    x, _ = block_rows(q, kv, block_size)                                    # (b, kv, nb, r, d)
+    ct = torch.promote_types(q.dtype, torch.float32)
+    s = (x @ kg.transpose(-1, -2)).to(ct) * scaling                         # (b, kv, nb, r, L)
+    vis = ok[:, :, :, None, :]
+    if causal_start is not None:
+        t = torch.arange(nb * bs, device=q.device).reshape(nb, 1, bs).expand(nb, g, bs)
+        t = t.reshape(nb, g * bs)                                           # query of each row
+        vis = vis & (safe[:, :, :, None, :] <= causal_start + t[None, None, :, :, None])
+    s = s.masked_fill(~vis, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)                                        # (b, kv, nb, r)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    o = (p.to(q.dtype) @ vg).to(ct)                                         # (b, kv, nb, r, d)
+    # rows back to (b, hq, q_len)
+    o = o.reshape(b, kv, nb, g, bs, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hq, nb * bs, d)
+    lse = lse.reshape(b, kv, nb, g, bs).permute(0, 1, 3, 2, 4).reshape(b, hq, nb * bs)
+    return o[:, :, :q_len].to(q.dtype), lse[:, :, :q_len]
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _sparse_attention_kernel(
+        q_ptr, k_ptr, v_ptr, idx_ptr, cnt_ptr, o_ptr, lse_ptr,
+        q_len, group, bs, n_blocks, kv_heads, head_dim, split_len, qk_scale, causal_start,
+        sq_b, sq_h, sq_t,                   # q (b, hq, q_len, d)
+        sk_b, sk_h, sk_n,                   # k (b, kv, n, d)
+        sv_b, sv_h, sv_n,                   # v
+        si_row,                             # indices (rows = b*kv*nb, L)
+        so_b, so_h, so_t, so_s,             # o (b, hq, q_len, n_splits, d)
+        sl_b, sl_h, sl_t,                   # lse (b, hq, q_len, n_splits), split stride 1
+        CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid = tl.program_id(0)              # (batch, kv head, block of queries)
+        split = tl.program_id(1)
+        blk = pid % n_blocks
+        h = (pid // n_blocks) % kv_heads
+        b = (pid // (n_blocks * kv_heads)).to(tl.int64)
+        r = tl.arange(0, BLOCK_R)
+        t = blk * bs + r % bs               # query position of row r
+        hq = (h * group + r // bs).to(tl.int64)
+        row_ok = (r < group * bs) & (t < q_len)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < head_dim
+        q = tl.load(q_ptr + b * sq_b + hq[:, None] * sq_h + t[:, None] * sq_t + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)     # (BLOCK_R, BLOCK_D)
+        count = tl.load(cnt_ptr + pid)
+        start = split * split_len
+        end = tl.minimum(start + split_len, count)
+        m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        n0 = tl.arange(0, BLOCK_N)
+        for j0 in range(start, end, BLOCK_N):
+            j = j0 + n0
+            ok = j < end
+            kid = tl.load(idx_ptr + pid.to(tl.int64) * si_row + j, mask=ok, other=0).to(tl.int64)
+            kt = tl.load(k_ptr + b * sk_b + h * sk_h + kid[:, None] * sk_n + d[None, :],
+                         mask=ok[:, None] & d_ok[None, :], other=0.0)    # (BLOCK_N, BLOCK_D)
+            vt = tl.load(v_ptr + b * sv_b + h * sv_h + kid[:, None] * sv_n + d[None, :],
+                         mask=ok[:, None] & d_ok[None, :], other=0.0)
+            if FP32_DOT:
+                s = tl.dot(q.to(tl.float32), tl.trans(kt.to(tl.float32)),
+                           input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(kt))
+            s = s * qk_scale                                             # log2 units
+            vis = ok[None, :]
+            if CAUSAL:
+                vis = vis & (kid[None, :] <= causal_start + t[:, None])
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - shift)
+            p = tl.exp2(s - shift[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if FP32_DOT:   # p rounded to v's dtype first, as the 16-bit GPU path does
+                pv = p.to(vt.dtype).to(tl.float32)
+                acc = acc * alpha[:, None] + tl.dot(pv, vt.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            m_i = m_new
+        has = l_i > 0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tq = t.to(tl.int64)
+        tl.store(o_ptr + b * so_b + hq[:, None] * so_h + tq[:, None] * so_t + split * so_s
+                 + d[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + b * sl_b + hq * sl_h + tq * sl_t + split, lse, mask=row_ok)
+
+else:
+    _sparse_attention_kernel = None
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def choose_splits(rows: int, width: int, block_n: int, target_programs: int = 264) -> int:
+    """Split-KV parts: enough programs (rows * splits) to fill an H200 (132 SMs, ~2 each), but
+    each part at least 4 tiles of keys."""
+    max_splits = max(1, width // (4 * block_n))
+    return max(1, min(max_splits, math.ceil(target_programs / max(rows, 1))))
+
+
+def sparse_attention(q, k, v, indices, counts, block_size: int | None, scaling: float, *,
+                     causal_start: int | None = None, n_splits: int | None = None,
+                     backend: str = "auto"):
+    """Attention of each query block over its kept key indices (see the module docstring)."""
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[-1] != k.shape[-1]:
+        raise WorkbenchError(f"sparse_attention: expected q (b, hq, q_len, d), k and v "
+                             f"(b, kv, n, d); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                             f"{tuple(v.shape)}.")
+    b, hq, q_len, d = q.shape
+    kv = k.shape[1]
+    nb, bs = block_layout(q_len, block_size)
+    if hq % kv or tuple(indices.shape[:3]) != (b, kv, nb) or tuple(counts.shape) != (b, kv, nb):
+        raise WorkbenchError(f"sparse_attention: indices must be (b, kv, n_blocks, L) = "
+                             f"({b}, {kv}, {nb}, L) and counts ({b}, {kv}, {nb}); got "
+                             f"{tuple(indices.shape)} and {tuple(counts.shape)}.")
+    which = pick_backend(backend, (q, k, v), _sparse_attention_kernel, op="sparse_attention",
+                         supported_dtypes=SUPPORTED_DTYPES)
+    if which == "torch":
+        return sparse_attention_reference(q, k, v, indices, counts, block_size, scaling,
+                                          causal_start)
+    g = hq // kv
+    rows = b * kv * nb
+    interp = is_interpreted(_sparse_attention_kernel)
+    block_r = max(16, _next_pow2(g * bs))
+    block_d = max(16, _next_pow2(d))
+    block_n = 64 if interp else (64 if block_r <= 64 else 32)
+    width = indices.shape[-1]
+    splits = n_splits or choose_splits(rows, width, block_n)
+    split_len = max(block_n, math.ceil(math.ceil(width / splits) / block_n) * block_n)
+    splits = max(1, math.ceil(width / split_len)) if width else 1
+    o = torch.empty(b, hq, q_len, splits, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, hq, q_len, splits, dtype=torch.float32, device=q.device)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    idx = indices.reshape(rows, width).to(torch.int32).contiguous()
+    cnt = counts.reshape(rows).to(torch.int32).contiguous()
+    _sparse_attention_kernel[(rows, splits)](
+        q, k, v, idx, cnt, o, lse,
+        q_len, g, bs, nb, kv, d, split_len, float(scaling) * LOG2E,
+        0 if causal_start is None else int(causal_start),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), idx.stride(0),
+        o.stride(0), o.stride(1), o.stride(2), o.stride(3),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        CAUSAL=causal_start is not None, FP32_DOT=_fp32_dot(q, k, interp),
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+    if splits == 1:
+        return o[:, :, :, 0], lse[..., 0]
+    return merge_attention_partials(o, lse, backend=backend)
+
+
+def squeezed_context_attention(q, k, v, mask, block_size: int | None, scaling: float, *,
+                               backend: str = "auto"):
+    """Context part of squeezed attention: mask (b, kv, n_blocks, n) bool -> compaction ->
+    sparse attention. Returns (o (b, hq, q_len, d), lse (b, hq, q_len))."""
+    indices, counts = compact_mask(mask, backend=backend)
+    return sparse_attention(q, k, v, indices, counts, block_size, scaling, backend=backend)
