@@ -94,10 +94,12 @@ def test_allowed_tokens_match_the_machine():
             assert bool(mask[i]) == (g.advance(state, tok) is not None), (prefix, tok)
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.integers(0, 2**31 - 1), st.sampled_from([None, 300]))
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([300, 600]))
 def test_property_any_preferences_give_a_valid_plan(seed, budget):
-    text, proc = generate(PlanGrammar(BOX, max_tasks=5, max_string=20), seed, budget)
+    """Random scores over a character-level vocabulary: the worst case for line length."""
+    grammar = PlanGrammar(BOX, max_tasks=5, max_string=12, max_items=3)
+    text, proc = generate(grammar, seed, budget)
     assert proc.stats["off_grammar"] == 0 and proc.stats["dead_ends"] == 0
     assert END_MARKER in text, text
     plan = parse_plan(text, BOX)

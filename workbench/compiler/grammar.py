@@ -202,7 +202,8 @@ class PlanGrammar:
             if text in ("0", "-0") or len(text) >= 15:
                 return None
             return self._replace(st, ("num", kind, text + ch))
-        if ch == "." and kind == "float" and "." not in text and text[-1].isdigit():
+        if ch == "." and kind == "float" and "." not in text and text[-1].isdigit() \
+                and len(text) < 14:
             return self._replace(st, ("num", kind, text + ch))
         if text[-1].isdigit():
             return self._step(self._replace(st), ch)   # number complete; the parent reads ch
@@ -430,7 +431,7 @@ class PlanProcessor:
             m[ids] = True
         top = state[3][-1]
         if top[0] == "str" and top[1] is None and not top[3]:
-            room = self.grammar.max_string - len(top[2])
+            room = max(0, self.grammar.max_string - len(top[2]))   # ${N} may overshoot
             plain = self.vocab.plain_upto[min(room, len(self.vocab.plain_upto) - 1)]
             if top[2] == "":
                 plain = plain & ~self._space_start()
