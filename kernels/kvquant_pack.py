@@ -1,0 +1,178 @@
+"""Quantize-and-pack for tokens appended to a KVQuant cache (one pass over the new tokens).
+
+Input rows are vectors of head_dim values, row r = ((b * H + h) * n + t) for n new tokens.
+Two modes, as in `workbench.kvquant.quantize`:
+
+- per-token (values): the row's range is the min/max of its inliers, elements outside the
+  per-row thresholds [cut_lo, cut_hi] being outliers (pass -inf/inf for none); zero/scale are
+  written per row in fp16.
+- per-channel (pre-RoPE keys): ranges lo/hi (H, D) come from calibration; elements outside
+  them are outliers when `outliers` is set (else clamped).
+
+Either way: u = clamp((x - zero) / scale, -1, 1), code = index of the nearest level (count of
+decision midpoints below u), packed into bit planes (rows, bits, D/8) uint8; and a dense fp16
+residual (rows, D) holding x - dequant(code) at the outliers and at the rows of sink positions
+(position < n_sink), 0 elsewhere. The caller keeps the nonzero residuals as the sparse part.
+
+Bytes: reads rows * D inputs once; writes bits/8 bytes per element, 4 bytes per row, and the
+residual (2 bytes per element; a fused compaction would write only the ~1% nonzeros).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.dispatch import HAS_TRITON, pick_backend, tl, triton
+from workbench.errors import WorkbenchError
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _pack_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    r, d = codes.shape
+    c = codes.to(torch.uint8).view(r, d // 8, 8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=codes.device)
+    return torch.stack([(((c >> j) & 1) << shifts).sum(-1, dtype=torch.uint8)
+                        for j in range(bits)], dim=1)                  # (rows, bits, D/8)
+
+
+def quantize_pack_reference(x, levels, table, bits, *, cut_lo=None, cut_hi=None, lo=None,
+                            hi=None, heads=1, rows_per_head=1, pos0=0, n_sink=0,
+                            outliers=True):
+    """PyTorch reference. x (rows, D). Per-token mode: cut_lo/cut_hi (rows,). Per-channel mode:
+    lo/hi (heads, D). Returns planes (rows, bits, D/8) uint8, zero (rows,) fp16 | None,
+    scale (rows,) fp16 | None, residual (rows, D) fp16."""
+    xf = x.float()
+    rows, d = xf.shape
+    r = torch.arange(rows, device=x.device)
+    if lo is None:                                                    # per token
+        out = (xf < cut_lo.float()[:, None]) | (xf > cut_hi.float()[:, None])
+        inf = torch.tensor(float("inf"), device=x.device)
+        rlo = torch.where(out, inf, xf).amin(1)
+        rhi = torch.where(out, -inf, xf).amax(1)
+        rlo, rhi = torch.where(torch.isfinite(rlo), rlo, 0), torch.where(torch.isfinite(rhi), rhi, 0)
+        zero16, scale16 = ((rhi + rlo) / 2).half(), ((rhi - rlo) / 2).clamp_min(1e-4).half()
+        z, s = zero16.float()[:, None], scale16.float()[:, None]
+    else:                                                             # per channel
+        h = (r // rows_per_head) % heads
+        clo, chi = lo.float()[h], hi.float()[h]                       # (rows, D)
+        out = ((xf < clo) | (xf > chi)) if outliers else torch.zeros_like(xf, dtype=torch.bool)
+        z, s = (chi + clo) / 2, ((chi - clo) / 2).clamp_min(1e-6)
+        zero16 = scale16 = None
+    u = ((xf - z) / s).clamp(-1.0, 1.0)
+    lv = levels.float().to(x.device)
+    mids = (lv[1:] + lv[:-1]) / 2
+    codes = (u[..., None] > mids).sum(-1)                             # (rows, D)
+    deq = table.float().to(x.device)[codes] * s + z
+    sink = (pos0 + r % rows_per_head) < n_sink
+    keep = out | sink[:, None]
+    residual = torch.where(keep, xf - deq, 0.0).half()
+    return _pack_planes(codes, bits), zero16, scale16, residual
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _kvq_pack_kernel(
+        x_ptr, planes_ptr, zero_ptr, scale_ptr, res_ptr,
+        cutlo_ptr, cuthi_ptr, lo_ptr, hi_ptr, mids_ptr, table_ptr,
+        rows, heads, rows_per_head, pos0, n_sink,
+        D: tl.constexpr, BITS: tl.constexpr, K: tl.constexpr, BLOCK_R: tl.constexpr,
+        PER_CHANNEL: tl.constexpr, OUTLIERS: tl.constexpr,
+    ):
+        NB: tl.constexpr = D // 8
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = r < rows
+        d = tl.arange(0, D)
+        r64 = r.to(tl.int64)
+        x = tl.load(x_ptr + r64[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0)
+        x = x.to(tl.float32)                                           # (BLOCK_R, D)
+        if PER_CHANNEL:
+            h = (r // rows_per_head) % heads
+            clo = tl.load(lo_ptr + h[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0)
+            chi = tl.load(hi_ptr + h[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0)
+            if OUTLIERS:
+                out = (x < clo) | (x > chi)
+            else:
+                out = x != x                                           # all False
+            z = (chi + clo) / 2
+            s = tl.maximum((chi - clo) / 2, 1e-6)
+        else:
+            tlo = tl.load(cutlo_ptr + r, mask=r_ok, other=0.0)
+            thi = tl.load(cuthi_ptr + r, mask=r_ok, other=0.0)
+            out = (x < tlo[:, None]) | (x > thi[:, None])
+            rlo = tl.min(tl.where(out, float("inf"), x), axis=1)
+            rhi = tl.max(tl.where(out, float("-inf"), x), axis=1)
+            rlo = tl.where(rlo == float("inf"), 0.0, rlo)
+            rhi = tl.where(rhi == float("-inf"), 0.0, rhi)
+            z16 = ((rhi + rlo) / 2).to(tl.float16)
+            s16 = tl.maximum((rhi - rlo) / 2, 1e-4).to(tl.float16)
+            tl.store(zero_ptr + r, z16, mask=r_ok)
+            tl.store(scale_ptr + r, s16, mask=r_ok)
+            z = z16.to(tl.float32)[:, None]
+            s = s16.to(tl.float32)[:, None]
+        u = tl.minimum(tl.maximum((x - z) / s, -1.0), 1.0)
+        code = tl.zeros([BLOCK_R, D], dtype=tl.int32)
+        for k in tl.static_range(K - 1):
+            code += (u > tl.load(mids_ptr + k)).to(tl.int32)
+        deq = tl.load(table_ptr + code) * s + z
+        pos = pos0 + r % rows_per_head
+        keep = out | (pos < n_sink)[:, None]
+        res = tl.where(keep, x - deq, 0.0)
+        tl.store(res_ptr + r64[:, None] * D + d[None, :], res.to(tl.float16), mask=r_ok[:, None])
+        # bit planes: byte i of plane j gathers bit j of codes 8i .. 8i+7
+        c3 = tl.reshape(code, [BLOCK_R, NB, 8])
+        shifts = tl.arange(0, 8)
+        nb = tl.arange(0, NB)
+        for j in tl.static_range(BITS):
+            byte = tl.sum(((c3 >> j) & 1) << shifts[None, None, :], axis=2)   # (BLOCK_R, NB)
+            tl.store(planes_ptr + r64[:, None] * (BITS * NB) + j * NB + nb[None, :],
+                     byte.to(tl.uint8), mask=r_ok[:, None])
+
+else:
+    _kvq_pack_kernel = None
+
+
+def quantize_pack(x, levels, table, bits, *, cut_lo=None, cut_hi=None, lo=None, hi=None,
+                  heads=1, rows_per_head=1, pos0=0, n_sink=0, outliers=True,
+                  backend: str = "auto"):
+    """Quantize and pack rows of appended tokens (module docstring); same returns as
+    `quantize_pack_reference`. backend: "auto" | "triton" | "torch"."""
+    rows, d = x.shape
+    if d % 8 or d & (d - 1):
+        raise WorkbenchError(f"quantize_pack: head_dim must be a power of two >= 8, got {d}.")
+    if (lo is None) == (cut_lo is None):
+        raise WorkbenchError("quantize_pack: give cut_lo/cut_hi (per-token) or lo/hi "
+                             "(per-channel), not both or neither.")
+    which = pick_backend(backend, (x,), _kvq_pack_kernel, op="quantize_pack",
+                         supported_dtypes=SUPPORTED_DTYPES)
+    kw = dict(cut_lo=cut_lo, cut_hi=cut_hi, lo=lo, hi=hi, heads=heads,
+              rows_per_head=rows_per_head, pos0=pos0, n_sink=n_sink, outliers=outliers)
+    if which == "torch":
+        return quantize_pack_reference(x, levels, table, bits, **kw)
+    dev = x.device
+    planes = torch.empty(rows, bits, d // 8, dtype=torch.uint8, device=dev)
+    residual = torch.empty(rows, d, dtype=torch.float16, device=dev)
+    per_channel = lo is not None
+    zero = scale = None
+    if not per_channel:
+        zero = torch.empty(rows, dtype=torch.float16, device=dev)
+        scale = torch.empty(rows, dtype=torch.float16, device=dev)
+    lv = levels.float().to(dev)
+    mids = ((lv[1:] + lv[:-1]) / 2).contiguous()
+    dummy = torch.zeros(1, dtype=torch.float32, device=dev)
+    block_r = 16
+    if rows:
+        _kvq_pack_kernel[(triton.cdiv(rows, block_r),)](
+            x.contiguous(), planes, zero if zero is not None else residual,
+            scale if scale is not None else residual, residual,
+            cut_lo.float().contiguous() if cut_lo is not None else dummy,
+            cut_hi.float().contiguous() if cut_hi is not None else dummy,
+            lo.float().contiguous() if per_channel else dummy,
+            hi.float().contiguous() if per_channel else dummy,
+            mids, table.float().to(dev).contiguous(),
+            rows, heads, rows_per_head, pos0, n_sink,
+            D=d, BITS=bits, K=len(lv), BLOCK_R=block_r, PER_CHANNEL=per_channel,
+            OUTLIERS=bool(outliers),
+        )
+    return planes, zero, scale, residual

@@ -1,0 +1,194 @@
+"""KVQuantCache: a transformers Cache that holds packed low-bit keys and values.
+
+    cache = KVQuantCache(model, "nuq3-1%", calibration)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=50)
+    cache.memory()   # bytes held, bytes per token vs fp16
+
+What is held per layer (all of it counted by `nbytes`): bit-packed codes of keys and values,
+per-token fp16 ranges (per-group ranges for KIVI-like keys), the sparse outliers (int32 index +
+fp16 delta each), and keys waiting for a full group (KIVI-like only). No dequantized copy is
+kept: `update` dequantizes the whole layer for the attention of the current step and lets it go
+(the PyTorch reference path; on a GPU the fused decode kernel in `kernels/kvquant_decode.py`
+reads the packed codes directly instead).
+
+Pre-RoPE keys. In transformers 5 the attention applies RoPE before `cache.update`, so the cache
+receives post-RoPE keys. This cache undoes the rotation with the model's own rotary embedding at
+the positions it holds (tokens are numbered 0, 1, 2, ... as they arrive), quantizes the pre-RoPE
+keys, and re-applies RoPE after dequantizing. Undo/redo is exact up to float32 rounding, so the
+attached model needs no hook and no change. With left-padded batches the numbering is off by the
+padding; the rotation still cancels exactly, only the channel statistics blur slightly.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from workbench.errors import WorkbenchError
+from workbench.kvquant.anatomy import KVGeometry, Rotary, geometry
+from workbench.kvquant.calibration import Calibration, default_tables
+from workbench.kvquant.methods import QuantSpec, method
+from workbench.kvquant.quantize import LayerTables, Quantized, dequantize, quantize
+
+
+class KVQuantLayer(DynamicLayer):
+    """One layer of `KVQuantCache` (module docstring)."""
+
+    is_croppable = False
+
+    def __init__(self, spec: QuantSpec, tables: LayerTables | None, rotary: Rotary | None):
+        super().__init__()
+        self.spec, self.tables, self.rotary = spec, tables, rotary
+        self.length = 0
+        self.qk: Quantized | None = None           # quantized keys (pre-RoPE if spec.pre_rope)
+        self.qv: Quantized | None = None
+        self.pending_k: torch.Tensor | None = None  # (B, H, p, D) fp16, waiting for a group
+        self.fp_k: torch.Tensor | None = None       # fp16 method: plain fp16 storage
+        self.fp_v: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.keys = torch.tensor([], dtype=key_states.dtype, device=self.device)
+        self.values = torch.tensor([], dtype=value_states.dtype, device=self.device)
+        self.is_initialized = True
+
+    def _cos_sin(self, start: int, stop: int):
+        return self.rotary.cos_sin(torch.arange(start, stop, device=self.device))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Quantize and store the new (B, H, n, D) post-RoPE keys and values; return the keys
+        and values of every cached token, dequantized (post-RoPE keys), in the input dtype."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        spec, n, start = self.spec, key_states.shape[-2], self.length
+        self.length += n
+        if spec.is_fp16:
+            def cat(old, new):
+                return new.half() if old is None else torch.cat([old, new.half()], 2)
+            self.fp_k, self.fp_v = cat(self.fp_k, key_states), cat(self.fp_v, value_states)
+            return self.fp_k.to(self.dtype), self.fp_v.to(self.dtype)
+
+        keys = key_states.float()
+        if spec.pre_rope:
+            keys = Rotary.undo(keys, *self._cos_sin(start, start + n))
+        qv = quantize(value_states, spec, "v", self.tables, start)
+        self.qv = qv if self.qv is None else self.qv.append(qv)
+        group = spec.key_token_group
+        if group > 1:                                   # KIVI-like: whole groups of tokens only
+            pend = keys.half() if self.pending_k is None else torch.cat([self.pending_k,
+                                                                         keys.half()], 2)
+            full = pend.shape[2] // group * group
+            done = 0 if self.qk is None else self.qk.seq_len
+            if full:
+                qk = quantize(pend[:, :, :full].float(), spec, "k", self.tables, done)
+                self.qk = qk if self.qk is None else self.qk.append(qk)
+            self.pending_k = pend[:, :, full:]
+        else:
+            qk = quantize(keys, spec, "k", self.tables, start)
+            self.qk = qk if self.qk is None else self.qk.append(qk)
+
+        parts = []
+        if self.qk is not None:
+            parts.append(dequantize(self.qk, spec, "k", self.tables))
+        if self.pending_k is not None and self.pending_k.shape[2]:
+            parts.append(self.pending_k.float())
+        k_all = torch.cat(parts, 2)                                     # (B, H, S, D)
+        if spec.pre_rope:
+            k_all = Rotary.apply(k_all, *self._cos_sin(0, self.length))
+        v_all = dequantize(self.qv, spec, "v", self.tables)
+        return k_all.to(self.dtype), v_all.to(self.dtype)
+
+    def get_seq_length(self, *args) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor this layer holds (codes, ranges, outliers, pending fp16)."""
+        total = 0
+        for q in (self.qk, self.qv):
+            total += q.nbytes() if q is not None else 0
+        for t in (self.pending_k, self.fp_k, self.fp_v):
+            total += t.numel() * t.element_size() if t is not None else 0
+        return total
+
+    def reset(self) -> None:
+        self.length, self.qk, self.qv = 0, None, None
+        self.pending_k = self.fp_k = self.fp_v = None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise WorkbenchError("KVQuantCache cannot be cropped (assisted generation / speculative "
+                             "decoding need a croppable cache; use DynamicCache there).")
+
+    def _select(self, index: torch.Tensor) -> None:
+        index = index.to("cpu").long()
+        if self.qk is not None:
+            self.qk = self.qk.select_batch(index)
+        if self.qv is not None:
+            self.qv = self.qv.select_batch(index)
+        for name in ("pending_k", "fp_k", "fp_v"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t[index.to(t.device)])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.length:
+            self._select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.length:
+            self._select(torch.as_tensor(indices))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.length:
+            b = (self.qk or self.qv).batch if not self.spec.is_fp16 else self.fp_k.shape[0]
+            self._select(torch.arange(b).repeat_interleave(repeats))
+
+
+class KVQuantCache(Cache):
+    """A Cache of packed quantized keys and values for a Llama-like model (module docstring).
+
+    model: the model it will serve (geometry, rotary embedding, calibration check).
+    spec: a `QuantSpec` or a method name ("nuq3-1%", "kivi-3", "atom-4", "fp16", ...).
+    calibration: a `Calibration` for this model; needed by KVQuant methods.
+    """
+
+    def __init__(self, model, spec: QuantSpec | str = "nuq3-1%",
+                 calibration: Calibration | None = None):
+        self.spec = method(spec) if isinstance(spec, str) else spec
+        self.geometry: KVGeometry = geometry(model)
+        if self.spec.is_fp16:
+            tables = [None] * self.geometry.layers
+        elif self.spec.needs_calibration:
+            if calibration is None:
+                raise WorkbenchError(
+                    f"Method {self.spec.name!r} needs a calibration for this model: pass "
+                    "calibration=calibrate(model, tokenizer) or Calibration.load(path, model).")
+            calibration.check_model(model)
+            tables = [calibration.tables(i, self.spec) for i in range(self.geometry.layers)]
+        else:
+            tables = [default_tables(self.spec)] * self.geometry.layers
+        if not self.spec.is_fp16 and self.geometry.head_dim % 8:
+            raise WorkbenchError(f"head_dim {self.geometry.head_dim} is not a multiple of 8: "
+                                 "the packed layout needs whole bytes per bit plane.")
+        rotary = Rotary(model) if self.spec.pre_rope and not self.spec.is_fp16 else None
+        layers = [KVQuantLayer(self.spec, t, rotary) for t in tables]
+        super().__init__(layers=layers)
+
+    def nbytes(self) -> int:
+        """Bytes held by all layers."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def memory(self) -> dict:
+        """Bytes held, tokens, bytes per token, and the same for an fp16 cache of the model."""
+        tokens = self.get_seq_length()
+        held = self.nbytes()
+        fp16 = self.geometry.fp16_bytes_per_token()
+        per_token = held / tokens if tokens else float("nan")
+        elements = 2 * self.geometry.layers * self.geometry.kv_heads * self.geometry.head_dim
+        return {"method": self.spec.name, "tokens": tokens, "bytes": held,
+                "bytes_per_token": per_token, "fp16_bytes_per_token": fp16,
+                "bits_per_element": 8 * per_token / elements if tokens else float("nan"),
+                "compression": fp16 / per_token if tokens else float("nan")}

@@ -1,0 +1,302 @@
+"""Calibration on real text: Fisher sensitivity, per-channel key ranges, level histograms.
+
+    calib = calibrate(model, tokenizer)                      # ~16 x 512 tokens of ShareGPT text
+    calib.save("smollm2.kvq.safetensors"); calib = Calibration.load(path, model)
+    tables = calib.tables(layer, method("nuq3-1%"))          # levels, table, key ranges
+
+What is measured, per layer (forward + backward passes of the real model, weights frozen):
+- pre- and post-RoPE keys (`k_proj` outputs, and the same rotated) and values (`v_proj`), and
+  their Fisher information: the squared gradient of the language-model loss with respect to
+  each of those activations (post-RoPE gradients are the pre-RoPE ones rotated).
+- per-channel key ranges (H, D): the outlier_fraction/2 and 1 - outlier_fraction/2 quantiles
+  over calibration tokens (min and max for fraction 0), pre- and post-RoPE.
+- histograms (n_bins over [-1, 1]) of the normalized inlier values, as counts and as summed
+  Fisher information: the level tables for any bit width come from these by 1-D k-means in
+  milliseconds (`levels.kmeans_levels`), so one calibration serves every method and bit width.
+The first token of each window is left out (it is the attention sink, kept exact at inference).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.kvquant.anatomy import Rotary, attention_modules, geometry, model_fingerprint
+from workbench.kvquant.levels import (
+    histogram,
+    kmeans_levels,
+    nf_levels,
+    qnorm_table,
+    uniform_levels,
+)
+from workbench.kvquant.methods import QuantSpec
+from workbench.kvquant.quantize import LayerTables, _token_ranges
+
+FORMAT = "workbench-kvquant-calibration/1"
+MIN_CALIBRATION_TOKENS = 1024     # fewer tokens give noisy per-channel quantiles
+
+
+def _fkey(fraction: float) -> str:
+    return f"{fraction:g}"
+
+
+@dataclass
+class Calibration:
+    """Calibration results for one model (see the module docstring).
+
+    tensors: "k.pre.<f>.lo"/".hi" (layers, H, D) key ranges; "<var>.count"/".fisher"
+    (layers, n_bins) histograms for var in k.pre.<f>, k.post.<f>, v.<f>.
+    settings: how it was made (text source, windows, fractions, bins) and the model fingerprint.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    settings: dict
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def fractions(self) -> list[float]:
+        return list(self.settings["outlier_fractions"])
+
+    @property
+    def layers(self) -> int:
+        return int(self.settings["model"]["layers"])
+
+    def _fraction(self, spec: QuantSpec) -> str:
+        if not any(abs(spec.outlier_fraction - f) < 1e-12 for f in self.fractions):
+            raise WorkbenchError(
+                f"This calibration was made for outlier fractions {self.fractions}, not "
+                f"{spec.outlier_fraction}: recalibrate with outlier_fractions including it.")
+        return _fkey(spec.outlier_fraction)
+
+    def key_variant(self, spec: QuantSpec) -> str:
+        return f"k.{'pre' if spec.pre_rope else 'post'}.{self._fraction(spec)}"
+
+    def value_variant(self, spec: QuantSpec) -> str:
+        return f"v.{self._fraction(spec)}"
+
+    def _levels(self, variant: str, layer: int, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (variant, layer, spec.bits, spec.levels, spec.q_norm)
+        if key not in self._memo:
+            counts = self.tensors[f"{variant}.count"][layer]
+            if spec.levels == "uniform":
+                levels = uniform_levels(spec.bits)
+            elif spec.levels == "nf":
+                levels = nf_levels(spec.bits)
+            else:
+                weights = counts if spec.levels == "kmeans" else self.tensors[f"{variant}.fisher"][layer]
+                levels = kmeans_levels(weights, spec.bits)
+            table = qnorm_table(levels, counts) if spec.q_norm else levels
+            self._memo[key] = (levels, table)
+        return self._memo[key]
+
+    def tables(self, layer: int, spec: QuantSpec) -> LayerTables:
+        """Level tables and key ranges of `layer` for `spec`."""
+        if not 0 <= layer < self.layers:
+            raise WorkbenchError(f"Layer {layer} is out of range (0..{self.layers - 1}).")
+        calibrated_keys = spec.key_axis == "channel" and spec.key_ranges == "calibrated"
+        if not calibrated_keys and (spec.levels in ("kmeans", "fisher") or spec.q_norm):
+            raise WorkbenchError("k-means/Fisher levels and Q-Norm are calibrated for per-channel "
+                                 "keys with calibrated ranges (key_ranges='calibrated').")
+        kvar, vvar = self.key_variant(spec), self.value_variant(spec)
+        k_levels, k_table = self._levels(kvar, layer, spec)
+        v_levels, v_table = self._levels(vvar, layer, spec)
+        lo = hi = None
+        if calibrated_keys:
+            lo, hi = self.tensors[f"{kvar}.lo"][layer], self.tensors[f"{kvar}.hi"][layer]
+        return LayerTables(k_levels, k_table, v_levels, v_table, lo, hi)
+
+    # ---- files -------------------------------------------------------------------------------
+
+    def check_model(self, model) -> None:
+        """Raise if this calibration was made for another model."""
+        mine, theirs = self.settings["model"], model_fingerprint(model)
+        diff = [k for k in mine if k != "model" and mine[k] != theirs.get(k)]
+        if diff:
+            raise WorkbenchError(
+                f"This calibration was made for model {mine['model']!r} ({mine['layers']} layers, "
+                f"{mine['kv_heads']} KV heads x {mine['head_dim']}), not for {theirs['model']!r} "
+                f"({theirs['layers']} layers, {theirs['kv_heads']} KV heads x {theirs['head_dim']}"
+                f"; differs in {', '.join(diff)}). Calibrate this model with "
+                "workbench.kvquant.calibrate(model, tokenizer).")
+
+    def save(self, path: str | Path) -> Path:
+        """Write one .safetensors file: the tensors, and the settings as JSON metadata."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "settings": json.dumps(self.settings)}
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model=None) -> Calibration:
+        """Read a file written by `save`; with `model`, refuse a file made for another model."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise WorkbenchError(f"No calibration file at {path}. Make one with "
+                                 "calibrate(model, tokenizer).save(path).")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise WorkbenchError(f"{path} is not a workbench KVQuant calibration file.")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        calib = cls(tensors, json.loads(meta["settings"]))
+        if model is not None:
+            calib.check_model(model)
+        return calib
+
+
+# ---- measuring -------------------------------------------------------------------------------
+
+
+def collect_activations(model, ids: torch.Tensor, batch_size: int = 2, progress: bool = True):
+    """Run forward + backward over `ids` (N, T) and return, per layer, pre-RoPE keys "k", values
+    "v" and the loss gradients "gk", "gv" with respect to them, each (N, T, H, D) float32.
+    Weights are frozen meanwhile."""
+    from tqdm.auto import tqdm
+
+    geo, attn = geometry(model), attention_modules(model)
+    store: list[dict] = [dict() for _ in attn]
+    out = [{"k": [], "v": [], "gk": [], "gv": []} for _ in attn]
+
+    def hook(i, name):
+        def fn(_mod, _inp, output):
+            leaf = output.detach().requires_grad_(True)
+            store[i][name] = leaf
+            return leaf
+        return fn
+
+    handles = [m.k_proj.register_forward_hook(hook(i, "k")) for i, m in enumerate(attn)]
+    handles += [m.v_proj.register_forward_hook(hook(i, "v")) for i, m in enumerate(attn)]
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    device = next(model.parameters()).device
+    shape = (geo.kv_heads, geo.head_dim)
+    try:
+        for start in tqdm(range(0, len(ids), batch_size), desc="calibration (fwd+bwd)",
+                          disable=not progress):
+            batch = ids[start:start + batch_size].to(device)
+            with torch.enable_grad():
+                loss = model(input_ids=batch, labels=batch).loss
+                loss.backward()
+            for i in range(len(attn)):
+                for name in ("k", "v"):
+                    leaf = store[i][name]
+                    n, t = leaf.shape[:2]
+                    out[i][name].append(leaf.detach().float().view(n, t, *shape).cpu())
+                    out[i]["g" + name].append(leaf.grad.float().view(n, t, *shape).cpu())
+            store = [dict() for _ in attn]
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+    return [{k: torch.cat(v) for k, v in layer.items()} for layer in out]
+
+
+def _channel_ranges(x: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, H, D) -> lo, hi (H, D): quantiles f/2 and 1 - f/2 over tokens (min/max for 0)."""
+    if fraction == 0:
+        return x.amin(0), x.amax(0)
+    m = x.shape[0]
+    k_lo = max(1, int(round(fraction / 2 * m)))
+    lo = x.kthvalue(k_lo, dim=0).values
+    hi = x.kthvalue(m - k_lo + 1, dim=0).values
+    return lo, hi
+
+
+def calibrate_layer(k_pre, v, gk, gv, rotary: Rotary, fractions, n_bins: int) -> dict:
+    """One layer's ranges and histograms from (N, T, H, D) activations and their gradients.
+    Fisher information per element = gradient squared; post-RoPE gradients are the pre-RoPE
+    ones rotated (k_post = R k_pre, so dL/dk_post = R dL/dk_pre)."""
+    n, t, h, d = k_pre.shape
+    cos, sin = rotary.cos_sin(torch.arange(t))
+    def to_bhtd(x):                                             # (N, T, H, D) -> (N, H, T, D)
+        return x.permute(0, 2, 1, 3)
+    k_post = to_bhtd(Rotary.apply(to_bhtd(k_pre), cos, sin))
+    gk_post = to_bhtd(Rotary.apply(to_bhtd(gk), cos, sin)).pow(2)
+    gk, gv = gk.pow(2), gv.pow(2)
+    res = {}
+    body = slice(1, None)                                       # drop the sink token
+    for rope, k, g in (("pre", k_pre, gk), ("post", k_post, gk_post)):
+        kb, gb = k[:, body].reshape(-1, h, d), g[:, body].reshape(-1, h, d)     # (M, H, D)
+        for f in fractions:
+            var = f"k.{rope}.{_fkey(f)}"
+            lo, hi = _channel_ranges(kb, f)
+            zero, scale = (hi + lo) / 2, ((hi - lo) / 2).clamp_min(1e-6)
+            u = (kb - zero) / scale
+            inl = (u.abs() <= 1) if f > 0 else torch.ones_like(u, dtype=torch.bool)
+            uc = u.clamp(-1, 1)
+            res[f"{var}.lo"], res[f"{var}.hi"] = lo, hi
+            res[f"{var}.count"] = histogram(uc[inl], None, n_bins)
+            res[f"{var}.fisher"] = histogram(uc[inl], gb[inl], n_bins)
+    vb = to_bhtd(v[:, body])                                    # (N, H, T-1, D)
+    gvb = to_bhtd(gv[:, body])
+    for f in fractions:
+        lo, hi, out = _token_ranges(vb, f)
+        zero = ((hi + lo) / 2).half().float()[..., None]
+        scale = ((hi - lo) / 2).clamp_min(1e-4).half().float()[..., None]
+        u = ((vb - zero) / scale).clamp(-1, 1)
+        inl = ~out
+        res[f"v.{_fkey(f)}.count"] = histogram(u[inl], None, n_bins)
+        res[f"v.{_fkey(f)}.fisher"] = histogram(u[inl], gvb[inl], n_bins)
+    return res
+
+
+def calibrate(model, tokenizer=None, *, ids: torch.Tensor | None = None, n_windows: int = 16,
+              window: int = 512, source: str = "sharegpt",
+              outlier_fractions: tuple[float, ...] = (0.0, 0.01), n_bins: int = 1024,
+              batch_size: int = 2, progress: bool = True) -> Calibration:
+    """Calibrate KVQuant for `model` on real text (module docstring).
+
+    Text: `n_windows` windows of `window` tokens from `workbench.data.text_chunks(source)`
+    (ShareGPT answers by default: varied, and different from the Python-docs evaluation text),
+    or your own token ids `ids` (N, T). Needs at least MIN_CALIBRATION_TOKENS tokens.
+    """
+    from tqdm.auto import tqdm
+
+    from workbench.data import text_chunks
+
+    if ids is None:
+        if tokenizer is None:
+            raise WorkbenchError("Give a tokenizer (to cut calibration text) or token ids `ids`.")
+        ids = text_chunks(tokenizer, window, n_windows, source)
+        text = {"source": source, "windows": n_windows, "window_tokens": window}
+    else:
+        ids = torch.as_tensor(ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        text = {"source": "user token ids", "windows": int(ids.shape[0]),
+                "window_tokens": int(ids.shape[1])}
+    usable = ids.shape[0] * (ids.shape[1] - 1)
+    if ids.shape[1] < 16 or usable < MIN_CALIBRATION_TOKENS:
+        raise WorkbenchError(
+            f"Calibration text too short: {ids.shape[0]} x {ids.shape[1]} tokens gives {usable} "
+            f"usable tokens; at least {MIN_CALIBRATION_TOKENS} (windows of >= 16 tokens) are "
+            "needed for per-channel quantiles. Give more or longer windows.")
+    fractions = sorted({float(f) for f in outlier_fractions})
+    rotary = Rotary(model)
+    acts = collect_activations(model, ids, batch_size=batch_size, progress=progress)
+    per_layer = [calibrate_layer(a["k"], a["v"], a["gk"], a["gv"], rotary, fractions, n_bins)
+                 for a in tqdm(acts, desc="calibration (ranges, histograms)", disable=not progress)]
+    tensors = {name: torch.stack([r[name] for r in per_layer]) for name in per_layer[0]}
+    settings = {"text": text, "outlier_fractions": fractions, "n_bins": n_bins,
+                "sink_tokens_excluded": 1, "model": model_fingerprint(model)}
+    return Calibration(tensors, settings)
+
+
+def default_tables(spec: QuantSpec, geo=None) -> LayerTables:
+    """Tables for methods that need no calibration (uniform or NF levels, no Q-Norm)."""
+    if spec.needs_calibration:
+        raise WorkbenchError(f"Method {spec.name!r} needs a calibration: pass "
+                             "calibration=calibrate(model, tokenizer) (or Calibration.load(path)).")
+    lv = uniform_levels(spec.bits) if spec.levels == "uniform" else nf_levels(spec.bits)
+    return LayerTables(lv, lv, lv, lv)

@@ -1,0 +1,77 @@
+"""Glue between the KVQuant cache and the fused decode kernel (`kernels/kvquant_decode.py`).
+
+    packed = pack_layer(cache.layers[i])        # the kernel's view of one cached layer
+    out = kvquant_decode_attention(q, packed)   # q (B, Hq, D) post-RoPE, one token
+
+`pack_layer` reuses the layer's packed codes and ranges as they are and only re-sorts the sparse
+outliers into the kernel's block-CSR (int16 index + fp16 delta per entry). `random_layer` builds a
+packed layer from random tensors of a given shape, for kernel tests and speed runs (accuracy is
+measured with the real model, in `evaluate`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.kvquant_decode import BLOCK_N, PackedKV, block_csr
+from workbench.errors import WorkbenchError
+from workbench.kvquant.levels import nf_levels
+from workbench.kvquant.methods import QuantSpec, method
+from workbench.kvquant.quantize import LayerTables, Quantized, quantize
+
+
+def pack(qk: Quantized, qv: Quantized, tables: LayerTables, inv_freq: torch.Tensor,
+         rope_scale: float = 1.0) -> PackedKV:
+    """A `PackedKV` from quantized pre-RoPE keys (calibrated per-channel ranges) and values."""
+    if qk.zero is not None or tables.key_lo is None:
+        raise WorkbenchError("The fused kernel takes pre-RoPE keys with calibrated per-channel "
+                             "ranges (KVQuant's nuq methods), not per-token or grouped keys.")
+    b, h, s, d = qk.batch, qk.heads, qk.seq_len, qk.head_dim
+    lo, hi = tables.key_lo.float(), tables.key_hi.float()
+    dev = qk.codes.device
+    k_csr = block_csr(qk.outlier_index, qk.outlier_delta, b, h, s, d, BLOCK_N)
+    v_csr = block_csr(qv.outlier_index, qv.outlier_delta, b, h, s, d, BLOCK_N)
+    return PackedKV(
+        qk.codes, ((hi + lo) / 2).to(dev), ((hi - lo) / 2).clamp_min(1e-6).to(dev),
+        tables.key_table.float().to(dev),
+        qv.codes, qv.zero, qv.scale, tables.value_table.float().to(dev),
+        *k_csr, *v_csr, inv_freq.float().to(dev), float(rope_scale))
+
+
+def pack_layer(layer) -> PackedKV:
+    """The kernel's view of one `KVQuantLayer` (pre-RoPE nuq methods; no pending tokens)."""
+    spec: QuantSpec = layer.spec
+    if spec.is_fp16 or not spec.pre_rope or layer.qk is None:
+        raise WorkbenchError("pack_layer needs a filled KVQuant layer with pre-RoPE keys.")
+    rot = layer.rotary.module
+    return pack(layer.qk, layer.qv, layer.tables, rot.inv_freq,
+                float(getattr(rot, "attention_scaling", 1.0)))
+
+
+def random_layer(batch: int, kv_heads: int, seq: int, head_dim: int, bits: int = 3,
+                 outlier_fraction: float = 0.01, sink_tokens: int = 1, *, device="cpu",
+                 generator: torch.Generator | None = None, theta: float = 10000.0) -> PackedKV:
+    """A packed layer quantized from random keys/values with a few large channels (for kernel
+    tests and timing only). Key ranges are the data's per-channel quantiles."""
+    gen = generator or torch.Generator().manual_seed(0)
+    shape = (batch, kv_heads, seq, head_dim)
+    chan = torch.ones(head_dim)
+    chan[torch.randperm(head_dim, generator=gen)[: max(1, head_dim // 16)]] = 4.0
+    k = (torch.randn(shape, generator=gen) * chan).to(device)
+    v = torch.randn(shape, generator=gen).to(device)
+    spec = method("kvquant", bits, outlier_fraction=outlier_fraction, sink_tokens=sink_tokens,
+                  levels="nf", q_norm=False)
+    flat = k.permute(1, 3, 0, 2).reshape(kv_heads, head_dim, -1)          # (H, D, B*S)
+    m = flat.shape[-1]
+    if outlier_fraction > 0:
+        j = max(1, int(round(outlier_fraction / 2 * m)))
+        lo = flat.kthvalue(j, dim=-1).values
+        hi = flat.kthvalue(m - j + 1, dim=-1).values
+    else:
+        lo, hi = flat.amin(-1), flat.amax(-1)
+    lv = nf_levels(bits).to(device)
+    tables = LayerTables(lv, lv, lv, lv, lo, hi)
+    qk = quantize(k, spec, "k", tables)
+    qv = quantize(v, spec, "v", tables)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    return pack(qk, qv, tables, inv_freq.to(device))

@@ -1,0 +1,152 @@
+"""Quantization methods as switchable settings: KVQuant, its ablations, and the baselines.
+
+    spec = method("kvquant", bits=3)          # nuq3-1%: every ingredient on
+    spec = method("nuq3-1%")                   # the same, by the paper's name
+    spec = method("kivi", bits=3)              # per-channel keys in groups of 64 tokens, uniform
+    spec = method("atom", bits=3)              # per-token keys and values, uniform
+    spec = method("fp16")                      # keys and values rounded to fp16
+    spec = replace(spec, q_norm=False)         # switch one ingredient off
+
+Values are always quantized per token (one range per token and head, computed online). Keys are
+quantized per channel (`key_axis="channel"`: ranges calibrated offline, or online per group of
+`key_group` tokens as in KIVI) or per token. `pre_rope` quantizes `k_proj`'s output before RoPE.
+`levels`: "uniform", "nf" (NormalFloat), "kmeans" (1-D k-means over calibration values) or
+"fisher" (k-means weighted by Fisher information). `outlier_fraction` of the values per vector
+(keys: per channel, by calibrated thresholds; values: per token, the largest and smallest) are
+kept exactly in a sparse part. The first `sink_tokens` positions are kept exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from workbench.errors import WorkbenchError
+from workbench.kvquant.levels import check_bits
+
+LEVEL_KINDS = ("uniform", "nf", "kmeans", "fisher")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One KV-cache quantization method (see the module docstring). bits None: fp16 storage."""
+
+    name: str
+    bits: int | None = 3
+    key_axis: str = "channel"          # "channel" | "token"
+    key_ranges: str = "calibrated"     # "calibrated" | "online" (channel axis only)
+    key_group: int = 64                # tokens per online per-channel group (KIVI-like)
+    pre_rope: bool = True
+    levels: str = "fisher"             # one of LEVEL_KINDS
+    outlier_fraction: float = 0.01
+    sink_tokens: int = 1
+    q_norm: bool = True
+
+    def __post_init__(self):
+        if self.bits is None:
+            return
+        check_bits(self.bits)
+        if self.key_axis not in ("channel", "token"):
+            raise WorkbenchError(f"key_axis must be 'channel' or 'token', not {self.key_axis!r}.")
+        if self.key_ranges not in ("calibrated", "online"):
+            raise WorkbenchError(f"key_ranges must be 'calibrated' or 'online', not "
+                                 f"{self.key_ranges!r}.")
+        if self.levels not in LEVEL_KINDS:
+            raise WorkbenchError(f"levels must be one of {LEVEL_KINDS}, not {self.levels!r}.")
+        if not 0.0 <= self.outlier_fraction < 0.5:
+            raise WorkbenchError(f"outlier_fraction must be in [0, 0.5), got "
+                                 f"{self.outlier_fraction}.")
+        if self.sink_tokens < 0 or self.key_group < 1:
+            raise WorkbenchError("sink_tokens must be >= 0 and key_group >= 1.")
+
+    @property
+    def is_fp16(self) -> bool:
+        return self.bits is None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when keys use calibrated ranges or the levels come from calibration data."""
+        if self.is_fp16:
+            return False
+        calibrated_keys = self.key_axis == "channel" and self.key_ranges == "calibrated"
+        return calibrated_keys or self.levels in ("kmeans", "fisher") or self.q_norm
+
+    @property
+    def key_token_group(self) -> int:
+        """Tokens the key quantizer needs at once (KIVI's online groups); 1 otherwise."""
+        online = self.key_axis == "channel" and self.key_ranges == "online"
+        return self.key_group if online else 1
+
+
+def _pct(fraction: float) -> str:
+    return f"{fraction * 100:g}%"
+
+
+def method(name: str, bits: int | None = None, **changes) -> QuantSpec:
+    """A method by family ("kvquant", "kivi", "atom", "fp16") and bit width, or by a paper-style
+    name ("nuq3-1%", "nuq4", "kivi-2", "atom-4"); `changes` override single settings."""
+    key = name.lower().strip()
+    if key in ("fp16", "none"):
+        return QuantSpec(name="fp16", bits=None)
+    match = re.fullmatch(r"nuq(\d)(?:-([\d.]+)%)?", key)
+    if match:
+        bits = int(match.group(1))
+        frac = float(match.group(2)) / 100 if match.group(2) else 0.0
+        key, changes = "kvquant", {"outlier_fraction": frac, **changes}
+    match = re.fullmatch(r"(kivi|atom|kvquant)-(\d)", key)
+    if match:
+        key, bits = match.group(1), int(match.group(2))
+    if bits is None:
+        raise WorkbenchError(f"Give a bit width for method {name!r} (bits=2, 3 or 4).")
+    check_bits(bits)
+    if key == "kvquant":
+        spec = QuantSpec(name="", bits=bits)
+    elif key == "kivi":
+        spec = QuantSpec(name=f"KIVI-like {bits}b", bits=bits, key_ranges="online", pre_rope=False,
+                         levels="uniform", outlier_fraction=0.0, sink_tokens=0, q_norm=False)
+    elif key == "atom":
+        spec = QuantSpec(name=f"ATOM-like {bits}b", bits=bits, key_axis="token", pre_rope=False,
+                         levels="uniform", outlier_fraction=0.0, sink_tokens=0, q_norm=False)
+    else:
+        raise WorkbenchError(f"Unknown method {name!r}: use 'kvquant', 'kivi', 'atom', 'fp16' or "
+                             "a name like 'nuq3-1%'.")
+    spec = replace(spec, **changes)
+    if not spec.name:
+        spec = replace(spec, name=f"nuq{bits}" + (f"-{_pct(spec.outlier_fraction)}"
+                                                  if spec.outlier_fraction else ""))
+    return spec
+
+
+def ablation(bits: int, outlier_fraction: float = 0.01) -> list[QuantSpec]:
+    """Ingredients added one at a time, from KIVI-like to full KVQuant, at `bits`."""
+    base = method("kivi", bits)
+    steps = [
+        base,
+        replace(base, name="+ calibrated per-channel key ranges", key_ranges="calibrated"),
+        replace(base, name="+ pre-RoPE keys", key_ranges="calibrated", pre_rope=True),
+    ]
+    prev = steps[-1]
+    for name, change in (
+        (f"+ {_pct(outlier_fraction)} dense-and-sparse", {"outlier_fraction": outlier_fraction}),
+        ("+ first token exact (attention sink)", {"sink_tokens": 1}),
+        ("+ nuq levels (k-means)", {"levels": "kmeans"}),
+        ("+ Fisher-weighted levels", {"levels": "fisher"}),
+        ("+ Q-Norm (= KVQuant)", {"q_norm": True}),
+    ):
+        prev = replace(prev, name=name, **change)
+        steps.append(prev)
+    return steps
+
+
+def leave_one_out(bits: int, outlier_fraction: float = 0.01) -> list[QuantSpec]:
+    """Full KVQuant at `bits`, then the same with one ingredient switched off (or swapped)."""
+    full = method("kvquant", bits, outlier_fraction=outlier_fraction)
+    return [full] + [replace(full, name=name, **change) for name, change in (
+        ("- pre-RoPE (post-RoPE keys)", {"pre_rope": False}),
+        ("- dense-and-sparse outliers", {"outlier_fraction": 0.0}),
+        ("- attention sink", {"sink_tokens": 0}),
+        ("- Fisher weighting (plain k-means)", {"levels": "kmeans"}),
+        ("NF levels instead of k-means", {"levels": "nf"}),
+        ("uniform levels instead of k-means", {"levels": "uniform"}),
+        ("- Q-Norm", {"q_norm": False}),
+    )]
