@@ -87,6 +87,7 @@ if HAS_TRITON:
     def _sparse_attention_kernel(
         q_ptr, k_ptr, v_ptr, idx_ptr, cnt_ptr, o_ptr, lse_ptr,
         q_len, group, bs, n_blocks, kv_heads, head_dim, split_len, qk_scale, causal_start,
+        n_rtiles,
         sq_b, sq_h, sq_t,                   # q (b, hq, q_len, d)
         sk_b, sk_h, sk_n,                   # k (b, kv, n, d)
         sv_b, sv_h, sv_n,                   # v
@@ -96,12 +97,14 @@ if HAS_TRITON:
         CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        pid = tl.program_id(0)              # (batch, kv head, block of queries)
+        prog = tl.program_id(0)             # (batch, kv head, block of queries, tile of rows)
         split = tl.program_id(1)
+        rtile = prog % n_rtiles
+        pid = prog // n_rtiles              # the (batch, kv head, block) row of indices
         blk = pid % n_blocks
         h = (pid // n_blocks) % kv_heads
         b = (pid // (n_blocks * kv_heads)).to(tl.int64)
-        r = tl.arange(0, BLOCK_R)
+        r = rtile * BLOCK_R + tl.arange(0, BLOCK_R)
         t = blk * bs + r % bs               # query position of row r
         hq = (h * group + r // bs).to(tl.int64)
         row_ok = (r < group * bs) & (t < q_len)
@@ -193,11 +196,12 @@ def sparse_attention(q, k, v, indices, counts, block_size: int | None, scaling: 
     g = hq // kv
     rows = b * kv * nb
     interp = is_interpreted(_sparse_attention_kernel)
-    block_r = max(16, _next_pow2(g * bs))
+    block_r = max(16, min(64, _next_pow2(g * bs)))      # rows of one program (a tile of the
+    n_rtiles = math.ceil(g * bs / block_r)                # block's group * bs query rows)
     block_d = max(16, _next_pow2(d))
-    block_n = 64 if interp else (64 if block_r <= 64 else 32)
+    block_n = 64
     width = indices.shape[-1]
-    splits = n_splits or choose_splits(rows, width, block_n)
+    splits = n_splits or choose_splits(rows * n_rtiles, width, block_n)
     split_len = max(block_n, math.ceil(math.ceil(width / splits) / block_n) * block_n)
     splits = max(1, math.ceil(width / split_len)) if width else 1
     o = torch.empty(b, hq, q_len, splits, d, dtype=q.dtype, device=q.device)
@@ -207,10 +211,10 @@ def sparse_attention(q, k, v, indices, counts, block_size: int | None, scaling: 
     v = v if v.stride(-1) == 1 else v.contiguous()
     idx = indices.reshape(rows, width).to(torch.int32).contiguous()
     cnt = counts.reshape(rows).to(torch.int32).contiguous()
-    _sparse_attention_kernel[(rows, splits)](
+    _sparse_attention_kernel[(rows * n_rtiles, splits)](
         q, k, v, idx, cnt, o, lse,
         q_len, g, bs, nb, kv, d, split_len, float(scaling) * LOG2E,
-        0 if causal_start is None else int(causal_start),
+        0 if causal_start is None else int(causal_start), n_rtiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), idx.stride(0),
         o.stride(0), o.stride(1), o.stride(2), o.stride(3),

@@ -14,6 +14,13 @@ centroid_scores(q, centroids, log_sizes, scaling, block_size, indices=, counts=,
     the centroids twice: pass 1 builds lse_r with an online log-sum-exp, pass 2 writes p_k.
     Bytes: centroids read twice (2 * k * d * 4) + queries once + p written once (4k).
 
+select_indices(keep, labels, n, n_sink, window) -> (indices, counts)
+    The kept key positions of a context of n keys, straight from the per-centroid decision:
+    position p is kept when p < n_sink or p >= n - window (always), or when its cluster
+    labels[p - n_sink] is kept. keep (b, kv, n_blocks, k) bool; labels (kv, n - n_sink - window)
+    int16/int32. Same scan as compaction, but it reads 2 bytes of label per key instead of a
+    key-level mask that would have to be built (and written) first.
+
 compact_mask(mask) -> (indices, counts)
     mask (..., n) bool -> indices (..., n) int32 holding the True positions in increasing order,
     then -1; counts (...,) int32. One program per row scans it in tiles with a prefix sum.
@@ -100,6 +107,14 @@ def compact_mask_reference(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return torch.where(valid, order, -1).to(torch.int32), counts.to(torch.int32)
 
 
+def select_indices_reference(keep, labels, n, n_sink, window):
+    """keep (b, kv, nb, k) bool, labels (kv, n_mid) -> (indices (b, kv, nb, n) int32, counts)."""
+    b, kv, nb, _ = keep.shape
+    mid = torch.gather(keep, 3, labels.long()[None, :, None, :].expand(b, kv, nb, -1))
+    ones = keep.new_ones(b, kv, nb, n_sink), keep.new_ones(b, kv, nb, window)
+    return compact_mask_reference(torch.cat([ones[0], mid, ones[1]], dim=3))
+
+
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
@@ -123,74 +138,83 @@ if HAS_TRITON:
         blk = pid % n_blocks
         h = (pid // n_blocks) % kv_heads
         b = pid // (n_blocks * kv_heads)
-        r = tl.arange(0, BLOCK_R)
-        t = blk * bs + r % bs                   # query position of row r
-        hq = h * group + r // bs                # query head of row r
-        row_ok = (r < group * bs) & (t < q_len)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < head_dim
-        q = tl.load(q_ptr + b.to(tl.int64) * sq_b + hq[:, None].to(tl.int64) * sq_h
-                    + t[:, None] * sq_t + d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_R, BLOCK_D)
-        if FP32_DOT:
-            q = q.to(tl.float32)
         if HAS_IDX:
             count = tl.load(cnt_ptr + pid)
         else:
             count = n_cent
         kk0 = tl.arange(0, BLOCK_K)
-        # pass 1: lse_r = log sum_k N_k exp(s_rk), online over tiles of centroids
-        m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_R], tl.float32)
+        n_rows = group * bs
+        n_valid = tl.minimum(bs, q_len - blk * bs) * group     # real queries of this block
+        # The block's rows (query heads of the group x queries) in tiles of BLOCK_R; each tile's
+        # p is added into the output row, which this program alone writes.
+        for r0 in range(0, n_rows, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            t = blk * bs + r % bs               # query position of row r
+            hq = h * group + r // bs            # query head of row r
+            row_ok = (r < n_rows) & (t < q_len)
+            q = tl.load(q_ptr + b.to(tl.int64) * sq_b + hq[:, None].to(tl.int64) * sq_h
+                        + t[:, None] * sq_t + d[None, :],
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_R, BLOCK_D)
+            if FP32_DOT:
+                q = q.to(tl.float32)
+            # pass 1: lse_r = log sum_k N_k exp(s_rk), online over tiles of centroids
+            m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_R], tl.float32)
+            for k0 in range(0, count, BLOCK_K):
+                kk = k0 + kk0
+                ok = kk < count
+                if HAS_IDX:
+                    cid = tl.load(idx_ptr + pid.to(tl.int64) * si_row + kk, mask=ok, other=0)
+                else:
+                    cid = kk
+                c = tl.load(c_ptr + h * sc_h + cid[:, None].to(tl.int64) * sc_k + d[None, :],
+                            mask=ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_D)
+                if FP32_DOT:
+                    s = tl.dot(q, tl.trans(c.to(tl.float32)), input_precision="ieee") * scaling
+                else:
+                    s = tl.dot(q, tl.trans(c.to(q.dtype))) * scaling
+                ln = tl.load(ln_ptr + h * sl_h + cid, mask=ok, other=float("-inf"))
+                x = tl.where(ok[None, :], s + ln[None, :], float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(x, axis=1))
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp(m_i - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+                m_i = m_new
+            lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+            if HAS_EXTRA:
+                e = tl.load(extra_ptr + pid.to(tl.int64) * se_row + r, mask=r < n_rows,
+                            other=float("-inf"))
+                hi = tl.maximum(lse, e)
+                hs = tl.where(hi == float("-inf"), 0.0, hi)
+                lse = tl.where(hi == float("-inf"), hi,
+                               hs + tl.log(tl.exp(lse - hs) + tl.exp(e - hs)))
+            lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+            # pass 2: p_k += sum_r exp(s_rk - lse_r) / n_valid
+            for k0 in range(0, count, BLOCK_K):
+                kk = k0 + kk0
+                ok = kk < count
+                if HAS_IDX:
+                    cid = tl.load(idx_ptr + pid.to(tl.int64) * si_row + kk, mask=ok, other=0)
+                else:
+                    cid = kk
+                c = tl.load(c_ptr + h * sc_h + cid[:, None].to(tl.int64) * sc_k + d[None, :],
+                            mask=ok[:, None] & d_ok[None, :], other=0.0)
+                if FP32_DOT:
+                    s = tl.dot(q, tl.trans(c.to(tl.float32)), input_precision="ieee") * scaling
+                else:
+                    s = tl.dot(q, tl.trans(c.to(q.dtype))) * scaling
+                keep = row_ok[:, None] & ok[None, :] & (lse != float("-inf"))[:, None]
+                p = tl.sum(tl.where(keep, tl.exp(s - lse_safe[:, None]), 0.0), axis=0)
+                out = out_ptr + pid.to(tl.int64) * so_row + kk
+                if r0 > 0:
+                    p += tl.load(out, mask=ok, other=0.0)
+                tl.store(out, p, mask=ok)
+        # scale the sums to means (a second sweep over this program's own output row)
         for k0 in range(0, count, BLOCK_K):
             kk = k0 + kk0
-            ok = kk < count
-            if HAS_IDX:
-                cid = tl.load(idx_ptr + pid.to(tl.int64) * si_row + kk, mask=ok, other=0)
-            else:
-                cid = kk
-            c = tl.load(c_ptr + h * sc_h + cid[:, None].to(tl.int64) * sc_k + d[None, :],
-                        mask=ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_D)
-            if FP32_DOT:
-                c = c.to(tl.float32)
-                s = tl.dot(q, tl.trans(c), input_precision="ieee") * scaling
-            else:
-                s = tl.dot(q, tl.trans(c.to(q.dtype))) * scaling
-            ln = tl.load(ln_ptr + h * sl_h + cid, mask=ok, other=float("-inf"))
-            x = tl.where(ok[None, :], s + ln[None, :], float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(x, axis=1))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
-            m_i = m_new
-        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        if HAS_EXTRA:
-            e = tl.load(extra_ptr + pid.to(tl.int64) * se_row + r, mask=r < group * bs,
-                        other=float("-inf"))
-            hi = tl.maximum(lse, e)
-            hs = tl.where(hi == float("-inf"), 0.0, hi)
-            lse = tl.where(hi == float("-inf"), hi,
-                           hs + tl.log(tl.exp(lse - hs) + tl.exp(e - hs)))
-        lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
-        n_valid = tl.maximum(tl.sum(row_ok.to(tl.float32), axis=0), 1.0)
-        # pass 2: p_k = mean_r exp(s_rk - lse_r)
-        for k0 in range(0, count, BLOCK_K):
-            kk = k0 + kk0
-            ok = kk < count
-            if HAS_IDX:
-                cid = tl.load(idx_ptr + pid.to(tl.int64) * si_row + kk, mask=ok, other=0)
-            else:
-                cid = kk
-            c = tl.load(c_ptr + h * sc_h + cid[:, None].to(tl.int64) * sc_k + d[None, :],
-                        mask=ok[:, None] & d_ok[None, :], other=0.0)
-            if FP32_DOT:
-                c = c.to(tl.float32)
-                s = tl.dot(q, tl.trans(c), input_precision="ieee") * scaling
-            else:
-                s = tl.dot(q, tl.trans(c.to(q.dtype))) * scaling
-            keep = row_ok[:, None] & ok[None, :] & (lse != float("-inf"))[:, None]
-            p = tl.where(keep, tl.exp(s - lse_safe[:, None]), 0.0)
-            tl.store(out_ptr + pid.to(tl.int64) * so_row + kk, tl.sum(p, axis=0) / n_valid,
-                     mask=ok)
+            out = out_ptr + pid.to(tl.int64) * so_row + kk
+            tl.store(out, tl.load(out, mask=kk < count, other=0.0) / n_valid, mask=kk < count)
 
     @triton.jit
     def _compact_kernel(mask_ptr, idx_ptr, cnt_ptr, n, sm_row, si_row, BLOCK: tl.constexpr):
@@ -210,9 +234,31 @@ if HAS_TRITON:
                      mask=(offs < n) & (offs >= total))
         tl.store(cnt_ptr + row, total)
 
+    @triton.jit
+    def _select_kernel(keep_ptr, lab_ptr, idx_ptr, cnt_ptr, n, n_sink, window, n_blocks,
+                       kv_heads, sk_row, sl_h, si_row, BLOCK: tl.constexpr):
+        row = tl.program_id(0)                              # (batch, kv head, block)
+        h = (row // n_blocks) % kv_heads
+        row64 = row.to(tl.int64)
+        offs0 = tl.arange(0, BLOCK)
+        total = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+        for s0 in range(0, n, BLOCK):
+            offs = s0 + offs0
+            inb = offs < n
+            fixed = (offs < n_sink) | (offs >= n - window)
+            mid = inb & ~fixed
+            lab = tl.load(lab_ptr + h * sl_h + (offs - n_sink), mask=mid, other=0)
+            kept = tl.load(keep_ptr + row64 * sk_row + lab, mask=mid, other=0) != 0
+            m = ((inb & fixed) | (mid & kept)).to(tl.int32)
+            pos = total + tl.cumsum(m, axis=0) - 1
+            tl.store(idx_ptr + row64 * si_row + pos, offs.to(tl.int32), mask=m != 0)
+            total += tl.sum(m, axis=0)
+        tl.store(cnt_ptr + row, total)
+
 else:
     _centroid_scores_kernel = None
     _compact_kernel = None
+    _select_kernel = None
 
 
 def _fp32_dot(q: torch.Tensor, other: torch.Tensor, interpreted: bool) -> bool:
@@ -267,7 +313,7 @@ def centroid_scores(q, centroids, log_sizes, scaling: float, block_size: int | N
     cnt = counts.reshape(rows).to(torch.int32).contiguous() if counts is not None else ln
     ext = extra_lse.reshape(rows, g * bs).float().contiguous() if extra_lse is not None else ln
     interp = is_interpreted(_centroid_scores_kernel)
-    block_r = max(16, _next_pow2(g * bs))
+    block_r = max(16, min(64, _next_pow2(g * bs)))
     block_k = 64 if interp else max(16, min(128, 8192 // block_r))
     _centroid_scores_kernel[(rows,)](
         q, c, ln, idx, cnt, ext, out,
@@ -301,3 +347,28 @@ def compact_mask(mask: torch.Tensor, backend: str = "auto") -> tuple[torch.Tenso
     else:
         cnt.zero_()
     return idx.view(mask.shape), cnt.view(mask.shape[:-1])
+
+
+def select_indices(keep: torch.Tensor, labels: torch.Tensor, n: int, n_sink: int, window: int,
+                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept key positions from kept centroids (see the module docstring). Returns (indices
+    (b, kv, nb, n) int32, counts (b, kv, nb) int32). The reference pads with -1; the kernel
+    leaves positions past counts unwritten (nothing reads them)."""
+    if keep.dtype != torch.bool or keep.dim() != 4 or labels.shape != (keep.shape[1],
+                                                                      n - n_sink - window):
+        raise WorkbenchError(f"select_indices: expected keep (b, kv, nb, k) bool and labels "
+                             f"(kv, {n - n_sink - window}); got {keep.dtype} "
+                             f"{tuple(keep.shape)} and {tuple(labels.shape)}.")
+    which = pick_backend(backend, (keep, labels), _select_kernel, op="select_indices")
+    if which == "torch":
+        return select_indices_reference(keep, labels, n, n_sink, window)
+    b, kv, nb, k = keep.shape
+    kp = keep.contiguous().view(torch.uint8).reshape(b * kv * nb, k)
+    lab = labels if labels.dtype in (torch.int16, torch.int32) and labels.is_contiguous() \
+        else labels.to(torch.int32).contiguous()
+    idx = torch.empty(b, kv, nb, n, dtype=torch.int32, device=keep.device)
+    cnt = torch.empty(b, kv, nb, dtype=torch.int32, device=keep.device)
+    block = 4096 if is_interpreted(_select_kernel) else min(2048, _next_pow2(n))
+    _select_kernel[(b * kv * nb,)](kp, lab, idx, cnt, n, n_sink, window, nb, kv, kp.stride(0),
+                                   lab.stride(0), n, BLOCK=block)
+    return idx, cnt

@@ -58,7 +58,8 @@ def test_centroid_reference_is_the_lookup_estimate():
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 6, 2, 5, 3, 37, 40), (2, 4, 4, 1, None, 23, 16)])
+@pytest.mark.parametrize("shape", [(1, 6, 2, 5, 3, 37, 40), (2, 4, 4, 1, None, 23, 16),
+                                   (1, 8, 2, 40, None, 70, 16)])      # 160 rows: 3 row tiles
 def test_centroid_scores_kernel(dtype, shape):
     b, hq, kv, q_len, block, k, d = shape
     gen, ctx = _gen()
@@ -114,10 +115,11 @@ def test_compact_mask_kernel(n):
     (1, 4, 4, 1, None, 70, 0.5, 40, 1),        # decode, MHA, odd head_dim
     (2, 6, 3, 19, 8, 97, 0.2, 32, 2),          # prefill, per-block lists, odd lengths
     (1, 8, 2, 5, None, 130, 0.3, 16, None),    # prefill, one list for the whole input
+    (1, 8, 2, 21, None, 50, 0.5, 16, 1),       # 84 rows of one list: 2 row tiles
 ])
 def test_sparse_attention_kernel(dtype, case):
     b, hq, kv, q_len, block, n, frac, d, splits = case
-    if dtype != torch.float32 and case[3] == 19 and DEVICE == "cpu":
+    if dtype != torch.float32 and case[3] in (19, 21) and DEVICE == "cpu":
         pytest.skip("interpreter time: the bf16/fp16 variants run the smaller cases")
     gen, ctx = _gen()
     q = torch.randn(b, hq, q_len, d, generator=gen).to(DEVICE, dtype)
@@ -162,3 +164,19 @@ def test_context_attention_kernel_path_equals_masked_cpu_path():
     want = masked_context_attention(q, k, v, mask, block, d ** -0.5)
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5, msg=ctx)
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5, msg=ctx)
+
+
+@needs_triton
+@pytest.mark.parametrize("label_dtype", [torch.int16, torch.int32])
+def test_select_indices_kernel(label_dtype):
+    from kernels.squeezed_lookup import select_indices, select_indices_reference
+
+    gen, ctx = _gen()
+    b, kv, nb, k, n, n_sink, window = 2, 3, 2, 17, 301, 4, 9
+    keep = (torch.rand(b, kv, nb, k, generator=gen) < 0.3).to(DEVICE)
+    labels = torch.randint(0, k, (kv, n - n_sink - window), generator=gen).to(DEVICE, label_dtype)
+    idx, cnt = select_indices(keep, labels, n, n_sink, window, backend="triton")
+    want_idx, want_cnt = select_indices_reference(keep, labels, n, n_sink, window)
+    assert torch.equal(cnt, want_cnt), ctx
+    valid = torch.arange(n, device=DEVICE) < cnt[..., None]
+    assert torch.equal(idx[valid], want_idx[valid]), ctx

@@ -147,10 +147,11 @@ class SqueezedAttention:
 @contextmanager
 def squeezed_attention(model, method: SqueezedIndex | Selector, budget: float | None = None, *,
                        hierarchical: bool = False, block_size: int | None = 16,
-                       context_ids=None, backend: str = "auto"):
+                       vote: str = "mean", context_ids=None, backend: str = "auto"):
     """Turn squeezed attention on for `model` inside the block; yields the `SqueezedAttention`.
 
-    method: a `SqueezedIndex` (with `budget`, `hierarchical`, `block_size`), or any `Selector`
+    method: a `SqueezedIndex` (with `budget`, `hierarchical`, `block_size`, `vote`: how the
+    query rows of a block combine, "mean" or "max"), or any `Selector`
     (a baseline) together with `context_ids` or an index's context length. context_ids, when
     given, are checked against the index (a clear error for another context).
     """
@@ -161,7 +162,7 @@ def squeezed_attention(model, method: SqueezedIndex | Selector, budget: float | 
         method.check(model, context_ids)
         index = method
         selector = SqueezedSelector(index, budget, hierarchical=hierarchical,
-                                    block_size=block_size)
+                                    block_size=block_size, vote=vote)
         context_len = index.context_len
     elif isinstance(method, Selector):
         index = None

@@ -44,6 +44,7 @@ from workbench.squeezed.capture import (
 )
 from workbench.squeezed.clustering import kmeans_cosine
 from workbench.squeezed.lookup import (
+    VOTES,
     centroid_estimates,
     hierarchical_estimates,
     weighted_threshold,
@@ -128,31 +129,35 @@ class SqueezedIndex:
         return min(1.0, max(0.0, want / self.n_clustered))
 
     def estimates(self, layer: int, q: torch.Tensor, block_size: int | None,
-                  hierarchical: bool = False, coarse_threshold: float = -math.inf):
+                  hierarchical: bool = False, coarse_threshold: float = -math.inf,
+                  vote: str = "mean"):
         """Per-fine-centroid estimates for queries q (b, hq, q_len, d) -> (b, kv, nb, kf)."""
         dev = q.device
         if not hierarchical:
             return centroid_estimates(q, self.fine[layer].to(dev), self.fine_sizes[layer].to(dev),
-                                      self.scaling, block_size)
+                                      self.scaling, block_size, vote)
         p, _ = hierarchical_estimates(q, self.fine[layer].to(dev), self.fine_sizes[layer].to(dev),
                                       self.coarse[layer].to(dev),
                                       self.coarse_sizes[layer].to(dev),
                                       self.parent[layer].to(dev), coarse_threshold, self.scaling,
-                                      block_size)
+                                      block_size, vote)
         return p
 
     def calibrate(self, budget: float, block_size: int | None = 16,
-                  coarse_factor: float = 3.0) -> Thresholds:
+                  coarse_factor: float = 3.0, vote: str = "mean") -> Thresholds:
         """Global thresholds for `budget`, from the observation-window queries grouped into
         selection blocks of `block_size` (None: all window queries vote as one input).
 
         The coarse threshold keeps about `coarse_factor` times the budget's clustered keys at the
         coarse level (the recall margin of the hierarchy); the fine threshold is then set on the
         hierarchical estimates. The one-level lookup uses the same fine threshold calibrated on
-        one-level estimates (they differ little). Cached per (budget, block_size, factor).
+        one-level estimates (they differ little). `vote`: how the rows of a block combine
+        ("mean" or "max", see `lookup`). Cached per (budget, block_size, factor, vote).
         """
+        if vote not in VOTES:
+            raise WorkbenchError(f"vote must be one of {VOTES}, got {vote!r}.")
         budget = check_budget(budget)
-        key = (budget, block_size, coarse_factor)
+        key = (budget, block_size, coarse_factor, vote)
         if key in self._thresholds:
             return self._thresholds[key]
         f = self.clustered_fraction(budget)
@@ -161,18 +166,18 @@ class SqueezedIndex:
         for layer in range(self.layers):
             ql = q[layer][None]                                             # (1, hq, W, d)
             pc = centroid_estimates(ql, self.coarse[layer], self.coarse_sizes[layer],
-                                    self.scaling, block_size)               # (1, kv, nb, kc)
+                                    self.scaling, block_size, vote)         # (1, kv, nb, kc)
             coarse_p.append(pc.flatten())
             coarse_w.append(self.coarse_sizes[layer][None, :, None].expand_as(pc).flatten())
             pf = centroid_estimates(ql, self.fine[layer], self.fine_sizes[layer], self.scaling,
-                                    block_size)
+                                    block_size, vote)
             flat_p.append(pf.flatten())
             flat_w.append(self.fine_sizes[layer][None, :, None].expand_as(pf).flatten())
         t_coarse = weighted_threshold(torch.cat(coarse_p), torch.cat(coarse_w).float(),
                                       min(1.0, coarse_factor * f))
         t_flat = weighted_threshold(torch.cat(flat_p), torch.cat(flat_w).float(), f)
-        hier_p = [self.estimates(layer, q[layer][None], block_size, True, t_coarse).flatten()
-                  for layer in range(self.layers)]
+        hier_p = [self.estimates(layer, q[layer][None], block_size, True, t_coarse,
+                                 vote).flatten() for layer in range(self.layers)]
         t_hier = weighted_threshold(torch.cat(hier_p), torch.cat(flat_w).float(), f)
         result = (Thresholds(budget, t_flat, -math.inf, f),
                   Thresholds(budget, t_hier, t_coarse, f))
@@ -180,8 +185,8 @@ class SqueezedIndex:
         return result
 
     def thresholds(self, budget: float, block_size: int | None, hierarchical: bool,
-                   coarse_factor: float = 3.0) -> Thresholds:
-        return self.calibrate(budget, block_size, coarse_factor)[int(bool(hierarchical))]
+                   coarse_factor: float = 3.0, vote: str = "mean") -> Thresholds:
+        return self.calibrate(budget, block_size, coarse_factor, vote)[int(bool(hierarchical))]
 
     # --- identity checks ----------------------------------------------------------------------
 

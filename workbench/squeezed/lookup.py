@@ -49,9 +49,15 @@ def group_queries(q: torch.Tensor, kv_heads: int, block_size: int | None) -> tup
     return x.reshape(b, kv_heads, nb, g * bs, d), valid.reshape(nb, g * bs)
 
 
-def _mean_over_queries(p: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """p (b, kv, nb, rows, k) averaged over the valid rows of each block -> (b, kv, nb, k)."""
+VOTES = ("mean", "max")
+
+
+def _mean_over_queries(p: torch.Tensor, valid: torch.Tensor, vote: str = "mean") -> torch.Tensor:
+    """p (b, kv, nb, rows, k) over the valid rows of each block -> (b, kv, nb, k): their mean
+    (the paper's vote), or their max (a key that any query of the block needs is kept)."""
     w = valid.to(p.dtype)[None, None, :, :, None]                           # (1, 1, nb, rows, 1)
+    if vote == "max":
+        return (p * w).amax(dim=3)
     return (p * w).sum(dim=3) / w.sum(dim=3).clamp_min(1.0)
 
 
@@ -61,7 +67,8 @@ def log_sizes(sizes: torch.Tensor) -> torch.Tensor:
 
 
 def centroid_estimates(q: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor,
-                       scaling: float, block_size: int | None = None) -> torch.Tensor:
+                       scaling: float, block_size: int | None = None,
+                       vote: str = "mean") -> torch.Tensor:
     """One-level lookup. q (b, hq, q_len, d); centroids (kv, k, d); sizes (kv, k).
     Returns p (b, kv, n_blocks, k): estimated attention of one key of each cluster, averaged
     over the query heads of the group and the queries of the block."""
@@ -70,7 +77,7 @@ def centroid_estimates(q: torch.Tensor, centroids: torch.Tensor, sizes: torch.Te
     s = torch.einsum("bhnrd,hkd->bhnrk", x, centroids.float()) * scaling    # (b, kv, nb, r, k)
     log_den = torch.logsumexp(s + log_sizes(sizes)[None, :, None, None, :], dim=-1,
                               keepdim=True)                                 # (b, kv, nb, r, 1)
-    return _mean_over_queries(torch.exp(s - log_den), valid)
+    return _mean_over_queries(torch.exp(s - log_den), valid, vote)
 
 
 def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +94,8 @@ def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def hierarchical_estimates(q: torch.Tensor, fine: torch.Tensor, fine_sizes: torch.Tensor,
                            coarse: torch.Tensor, coarse_sizes: torch.Tensor,
                            parent: torch.Tensor, coarse_threshold: float, scaling: float,
-                           block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           block_size: int | None = None,
+                           vote: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
     """Two-level lookup that scores only the children of kept coarse centroids.
 
     q (b, hq, q_len, d); fine (kv, kf, d) and fine_sizes (kv, kf); coarse (kv, kc, d) and
@@ -101,7 +109,7 @@ def hierarchical_estimates(q: torch.Tensor, fine: torch.Tensor, fine_sizes: torc
     s_c = torch.einsum("bhnrd,hkd->bhnrk", x, coarse.float()) * scaling     # (b, kv, nb, r, kc)
     log_nc = log_sizes(coarse_sizes)[None, :, None, None, :]
     p_c = _mean_over_queries(torch.exp(s_c - torch.logsumexp(s_c + log_nc, -1, keepdim=True)),
-                             valid)                                         # (b, kv, nb, kc)
+                             valid, vote)                                         # (b, kv, nb, kc)
     keep_c = p_c >= coarse_threshold                                        # (b, kv, nb, kc)
     cand = torch.gather(keep_c, 3, parent[None, :, None, :].expand(b, kv, nb, kf))
     idx, counts = compact(cand)                                             # (b, kv, nb, m)
@@ -113,7 +121,7 @@ def hierarchical_estimates(q: torch.Tensor, fine: torch.Tensor, fine_sizes: torc
     pruned = log_nc.expand(b, kv, nb, 1, -1).masked_fill(keep_c[:, :, :, None, :], -math.inf)
     log_den = torch.logsumexp(torch.cat([s_f + log_nf[:, :, :, None, :], s_c + pruned], -1),
                               dim=-1, keepdim=True)                         # (b, kv, nb, r, 1)
-    p_f = _mean_over_queries(torch.exp(s_f - log_den), valid)               # (b, kv, nb, m)
+    p_f = _mean_over_queries(torch.exp(s_f - log_den), valid, vote)               # (b, kv, nb, m)
     p_f = torch.where(idx >= 0, p_f, 0.0)
     p = torch.zeros(b, kv, nb, kf + 1, device=q.device)
     p.scatter_(3, torch.where(idx >= 0, idx, kf), p_f)                      # pads land in col kf

@@ -71,18 +71,19 @@ class SqueezedSelector(Selector):
     threshold calibrated for the budget (plus the sink and the window)."""
 
     def __init__(self, index: SqueezedIndex, budget: float, *, hierarchical: bool = False,
-                 block_size: int | None = 16, coarse_factor: float = 3.0):
+                 block_size: int | None = 16, coarse_factor: float = 3.0, vote: str = "mean"):
         super().__init__(budget, block_size)
-        self.index, self.hierarchical = index, hierarchical
+        self.index, self.hierarchical, self.vote = index, hierarchical, vote
         self.name = "squeezed-hier" if hierarchical else "squeezed"
-        self.thresholds = index.thresholds(self.budget, block_size, hierarchical, coarse_factor)
+        self.thresholds = index.thresholds(self.budget, block_size, hierarchical, coarse_factor,
+                                           vote)
 
     def select(self, layer, q, context_keys):
         ix = self.index
         if self.budget >= 1.0:
             return self._all(q, context_keys)
         p = ix.estimates(layer, q, self.block_size, self.hierarchical,
-                         self.thresholds.coarse)                            # (b, kv, nb, kf)
+                         self.thresholds.coarse, self.vote)                 # (b, kv, nb, kf)
         keep_c = p >= self.thresholds.fine
         labels = ix.labels[layer].to(q.device)                              # (kv, n_clustered)
         b, kv, nb, _ = keep_c.shape

@@ -1,0 +1,66 @@
+"""The kernel path of squeezed attention (lookup -> select_indices -> sparse attention -> merge)
+equals the readable CPU path (selector mask -> masked attention -> merge), one-level and
+hierarchical, prefill and decode, with the kernels in Triton's interpreter."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels.dispatch import HAS_TRITON, is_interpreted  # noqa: E402
+from kernels.lse_merge import merge_attention_partials  # noqa: E402
+from kernels.squeezed_attention import _sparse_attention_kernel  # noqa: E402
+from workbench.squeezed.attention import (  # noqa: E402
+    causal_attention_with_lse,
+    masked_context_attention,
+)
+from workbench.squeezed.fastpath import DevicePlan, fast_squeezed_attention  # noqa: E402
+from workbench.squeezed.index import SqueezedIndex, _cluster_layer  # noqa: E402
+from workbench.squeezed.selectors import SqueezedSelector  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch"] + (["triton"] if HAS_TRITON and (
+    DEVICE == "cuda" or is_interpreted(_sparse_attention_kernel)) else [])
+
+
+def synthetic_index(n=203, kv=2, hq=6, d=32, n_sink=4, window=8, layers=1, seed=0):
+    """A SqueezedIndex built from random keys with a few directions (no model needed)."""
+    gen = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(kv, 6, d, generator=gen)
+    keys = (dirs[:, torch.randint(0, 6, (n,), generator=gen)]
+            + 0.5 * torch.randn(kv, n, d, generator=gen)) * 2
+    parts = _cluster_layer(keys[:, n_sink:n - window], 20, 4, 10, gen)
+    index = SqueezedIndex(
+        model="synthetic", model_name="synthetic", context_hash="0", context_len=n,
+        n_sink=n_sink, window=window, head_dim=d, q_heads=hq,
+        key_means=keys.mean(1)[None], queries=torch.randn(1, hq, window, d, generator=gen) * 2,
+        **{k: v[None] for k, v in parts.items()})
+    return index, keys
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hierarchical", [False, True])
+@pytest.mark.parametrize("q_len,block", [(1, 16), (11, 4), (9, None)])
+def test_fast_path_equals_cpu_path(backend, hierarchical, q_len, block):
+    index, keys = synthetic_index()
+    gen = torch.Generator().manual_seed(1)
+    n, kv, d = index.context_len, index.kv_heads, index.head_dim
+    u = q_len + 3                                            # earlier user tokens too
+    k = torch.cat([keys, torch.randn(kv, u, d, generator=gen)], 1)[None]
+    v = torch.randn(1, kv, n + u, d, generator=gen)
+    q = torch.randn(1, index.q_heads, q_len, d, generator=gen) * 2
+    budget = 0.3
+    sel = SqueezedSelector(index, budget, hierarchical=hierarchical, block_size=block)
+    mask = sel.select(0, q, k[:, :, :n])
+    o1, l1 = masked_context_attention(q, k[:, :, :n], v[:, :, :n], mask, block, index.scaling)
+    o2, l2 = causal_attention_with_lse(q, k[:, :, n:], v[:, :, n:], index.scaling)
+    want, _ = merge_attention_partials(torch.stack([o1, o2], -2), torch.stack([l1, l2], -1))
+    assert 0 < mask.float().mean() < 1
+    plan = DevicePlan.from_index(index, budget, hierarchical=hierarchical, block_size=block,
+                                 device=DEVICE, dtype=torch.float32)
+    got = fast_squeezed_attention(plan, 0, q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), block,
+                                  backend=backend)
+    torch.testing.assert_close(got.cpu(), want, atol=2e-5, rtol=2e-5)

@@ -1,0 +1,129 @@
+"""The kernel path of squeezed attention: lookup, index selection and sparse attention, all on
+the device, no key-level mask and no host sync.
+
+    plan = DevicePlan.from_index(index, budget=1/8, hierarchical=True, device="cuda",
+                                 dtype=torch.bfloat16)
+    o = fast_squeezed_attention(plan, layer, q, k, v, block_size=16)   # (b, hq, q_len, d)
+
+Steps for one layer (launches): centroid scoring (1; hierarchical: coarse scoring, candidate
+compaction, gathered fine scoring: 3 + a few small PyTorch ops) -> threshold -> `select_indices`
+(kept key positions straight from kept centroids and 2-byte labels) -> gathered sparse attention
+over the kept context keys -> the same kernel over the user tokens, causal -> LSE merge.
+Bytes that grow with the context, per KV head: fine centroids (one-level: 5% of the keys' K
+bytes; hierarchical: the coarse level plus the kept coarse centroids' children), labels (2 bytes
+per key), and the kept K/V rows (budget * n * 2 * d * itemsize).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kernels.lse_merge import merge_attention_partials
+from kernels.squeezed_attention import sparse_attention
+from kernels.squeezed_lookup import (
+    block_layout,
+    block_rows,
+    centroid_scores,
+    compact_mask,
+    select_indices,
+)
+from workbench.squeezed.index import SqueezedIndex
+
+
+@dataclass
+class DevicePlan:
+    """Centroids and thresholds of one index at one budget, on the device, per layer."""
+
+    fine: torch.Tensor            # (layers, kv, kf, d) in the model dtype
+    fine_log_sizes: torch.Tensor  # (layers, kv, kf) float32
+    coarse: torch.Tensor          # (layers, kv, kc, d)
+    coarse_log_sizes: torch.Tensor
+    parent: torch.Tensor          # (layers, kv, kf) int64
+    labels: torch.Tensor          # (layers, kv, n_mid) int16 (int32 past 32767 centroids)
+    fine_threshold: float
+    coarse_threshold: float
+    hierarchical: bool
+    context_len: int
+    n_sink: int
+    window: int
+    scaling: float
+
+    @classmethod
+    def from_index(cls, index: SqueezedIndex, budget: float, *, hierarchical: bool = False,
+                   block_size: int | None = 16, device="cuda",
+                   dtype: torch.dtype = torch.bfloat16) -> DevicePlan:
+        t = index.thresholds(budget, block_size, hierarchical)
+        lab_dtype = torch.int16 if index.fine.shape[2] < 2 ** 15 else torch.int32
+        return cls(
+            fine=index.fine.to(device, dtype), fine_log_sizes=index.fine_sizes.float().log()
+            .to(device), coarse=index.coarse.to(device, dtype),
+            coarse_log_sizes=index.coarse_sizes.float().log().to(device),
+            parent=index.parent.to(device), labels=index.labels.to(device, lab_dtype),
+            fine_threshold=t.fine, coarse_threshold=t.coarse, hierarchical=hierarchical,
+            context_len=index.context_len, n_sink=index.n_sink, window=index.window,
+            scaling=index.scaling)
+
+
+def pruned_coarse_lse(q: torch.Tensor, coarse: torch.Tensor, coarse_log_sizes: torch.Tensor,
+                      keep_c: torch.Tensor, scaling: float, block_size: int | None):
+    """log sum over pruned coarse centroids of N_c exp(s_c), per query row of each block:
+    the denominator mass that the unscored fine centroids stand for.
+    q (b, hq, q_len, d); coarse (kv, kc, d); keep_c (b, kv, nb, kc) -> (b, kv, nb, group * bs)."""
+    x, _ = block_rows(q.float(), coarse.shape[0], block_size)               # (b, kv, nb, r, d)
+    s = torch.einsum("bhnrd,hkd->bhnrk", x, coarse.float()) * scaling      # (b, kv, nb, r, kc)
+    s = s + coarse_log_sizes[None, :, None, None, :]
+    return torch.logsumexp(s.masked_fill(keep_c[:, :, :, None, :], -math.inf), dim=-1)
+
+
+def kept_centroids(plan: DevicePlan, layer: int, q: torch.Tensor, block_size: int | None,
+                   backend: str = "auto") -> torch.Tensor:
+    """(b, kv, nb, kf) bool: the fine centroids whose estimate passes the threshold."""
+    if not plan.hierarchical:
+        p = centroid_scores(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
+                            block_size, backend=backend)                    # (b, kv, nb, kf)
+        return p >= plan.fine_threshold
+    pc = centroid_scores(q, plan.coarse[layer], plan.coarse_log_sizes[layer], plan.scaling,
+                         block_size, backend=backend)                       # (b, kv, nb, kc)
+    keep_c = pc >= plan.coarse_threshold
+    b, kv, nb, _ = keep_c.shape
+    kf = plan.fine.shape[2]
+    cand = torch.gather(keep_c, 3, plan.parent[layer][None, :, None, :].expand(b, kv, nb, kf))
+    cidx, ccnt = compact_mask(cand, backend=backend)                        # (b, kv, nb, kf)
+    extra = pruned_coarse_lse(q, plan.coarse[layer], plan.coarse_log_sizes[layer], keep_c,
+                              plan.scaling, block_size)
+    pf = centroid_scores(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
+                         block_size, indices=cidx, counts=ccnt, extra_lse=extra,
+                         backend=backend)                                   # (b, kv, nb, kf)
+    valid = torch.arange(kf, device=q.device) < ccnt[..., None]
+    keep_list = (pf >= plan.fine_threshold) & valid
+    keep = torch.zeros(b, kv, nb, kf + 1, dtype=torch.bool, device=q.device)
+    keep.scatter_(3, torch.where(valid, cidx.long(), kf), keep_list)
+    return keep[..., :kf]
+
+
+def fast_squeezed_attention(plan: DevicePlan, layer: int, q: torch.Tensor, k: torch.Tensor,
+                            v: torch.Tensor, block_size: int | None = 16,
+                            backend: str = "auto") -> torch.Tensor:
+    """Squeezed attention of user queries q (b, hq, q_len, d), the last q_len of the keys
+    k, v (b, kv, n + u, d) whose first n = plan.context_len are the fixed context.
+    Returns (b, hq, q_len, d)."""
+    n = plan.context_len
+    b, hq, q_len, d = q.shape
+    kv, u = k.shape[1], k.shape[2] - n
+    keep = kept_centroids(plan, layer, q, block_size, backend)
+    idx, cnt = select_indices(keep, plan.labels[layer], n, plan.n_sink, plan.window,
+                              backend=backend)
+    o1, l1 = sparse_attention(q, k[:, :, :n], v[:, :, :n], idx, cnt, block_size, plan.scaling,
+                              backend=backend)
+    nb, bs = block_layout(q_len, block_size)
+    uidx = torch.arange(u, device=q.device, dtype=torch.int32).expand(b, kv, nb, u)
+    last = u - q_len + torch.arange(1, nb + 1, device=q.device, dtype=torch.int32) * bs
+    ucnt = last.clamp_max(u).expand(b, kv, nb).contiguous()   # keys a block's last query sees
+    o2, l2 = sparse_attention(q, k[:, :, n:], v[:, :, n:], uidx, ucnt, block_size, plan.scaling,
+                              causal_start=u - q_len, backend=backend)
+    merged, _ = merge_attention_partials(torch.stack([o1, o2], dim=-2),
+                                         torch.stack([l1, l2], dim=-1), backend=backend)
+    return merged
