@@ -141,7 +141,7 @@ def _spread(items: list, n: int) -> list:
 # 1. planning accuracy
 
 
-def planning(n: int = 10, backend=None, max_tokens: int = 240, log=print) -> dict:
+def planning(n: int = 10, backend=None, max_tokens: int = 200, log=print) -> dict:
     from workbench.compiler.planner import Planner
     from workbench.data import load_bfcl
     from workbench.llm import get_backend
@@ -210,14 +210,44 @@ def latency_entries(n: int, min_calls: int = 3) -> list:
     return _spread(pool, n)
 
 
-def latency(n: int = 8, tool_latency: float = 2.0, backend=None, log=print) -> dict:
+def export_entries(n: int, path: Path) -> None:
+    """Write the latency requests as JSON, for a machine without the BFCL package (the GPU)."""
+    rows = [{"id": e.id, "functions": e.functions, "possible_answer": e.possible_answer,
+             "messages": e.messages} for e in latency_entries(n)]
+    Path(path).write_text(json.dumps(rows))
+
+
+def load_entries(path: Path) -> list:
+    from types import SimpleNamespace
+    return [SimpleNamespace(**row) for row in json.loads(Path(path).read_text())]
+
+
+def random_weights_backend(folder: Path, device: str = "cuda"):
+    """The embedded model's architecture and tokenizer with random bf16 weights: for timing the
+    LLM steps on a GPU only (plans are teacher-forced, so the weights do not change the text;
+    the joiner's answer is noise of the same length for both agents)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from workbench.llm import LocalChat
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder),
+                                             torch_dtype=torch.bfloat16).to(device).eval()
+    return LocalChat(model, tok, name="SmolLM2-135M architecture, random weights, "
+                     + torch.cuda.get_device_name(0))
+
+
+def latency(n: int = 8, tool_latency: float = 2.0, backend=None, log=print,
+            entries: list | None = None) -> dict:
     from workbench.compiler.llm_compiler import LLMCompiler
     from workbench.compiler.react import ReAct
     from workbench.llm import get_backend
 
     chat = get_backend(backend)
     rows = []
-    for entry in latency_entries(n):
+    for entry in entries if entries is not None else latency_entries(n):
         box = bfcl_toolbox(entry.functions, tool_latency)
         plan_text = reference_plan(entry.possible_answer)
         question = entry.messages[-1]["content"]
@@ -419,22 +449,31 @@ def nestful(log=print) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("which", choices=["planning", "latency", "nestful", "all"])
+    ap.add_argument("which", choices=["planning", "latency", "nestful", "all", "export"])
     ap.add_argument("--n", type=int, default=None, help="requests per category / entries")
     ap.add_argument("--tool-latency", type=float, default=2.0, help="seconds per tool call")
     ap.add_argument("--backend", default=None, help="None: embedded model; or an endpoint URL")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--entries", type=Path, help="latency requests from `export` (no BFCL here)")
+    ap.add_argument("--random-weights", type=Path,
+                    help="folder with config + tokenizer: random-weight model on the GPU")
+    ap.add_argument("--name", default="latency", help="result file: compiler_<name>.json")
+    ap.add_argument("--max-tokens", type=int, default=200, help="planner token limit")
     a = ap.parse_args(argv)
+    if a.which == "export":
+        export_entries(a.n or 8, a.out_dir / "latency_entries.json")
+        return
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     t0 = time.time()
     if a.which in ("nestful", "all"):
         print(write("nestful", nestful(), a.out_dir))
     if a.which in ("latency", "all"):
-        res = latency(a.n or 8, a.tool_latency, a.backend)
-        print(write(f"latency_{a.tool_latency:g}s" if a.tool_latency != 2.0 else "latency",
-                    res, a.out_dir))
+        backend = random_weights_backend(a.random_weights) if a.random_weights else a.backend
+        entries = load_entries(a.entries) if a.entries else None
+        res = latency(a.n or 8, a.tool_latency, backend, entries=entries)
+        print(write(a.name, res, a.out_dir))
     if a.which in ("planning", "all"):
-        print(write("planning", planning(a.n or 10, a.backend), a.out_dir))
+        print(write("planning", planning(a.n or 10, a.backend, a.max_tokens), a.out_dir))
     print(f"done in {time.time() - t0:.0f} s")
 
 
