@@ -157,7 +157,13 @@ def run(out: Path, size: str = "small", methods=METHODS, ratios=RATIOS,
         readers["endpoint"] = OpenAIChat()
     items = build_items(tokenizer, size)
     rows_path = out.with_suffix(".rows.jsonl")
-    rows = [json.loads(x) for x in rows_path.read_text().splitlines()] if rows_path.exists() else []
+    if rows_path.exists():
+        rows = [json.loads(x) for x in rows_path.read_text().splitlines()]
+    elif out.exists():  # resume from the committed JSON's rows
+        rows = json.loads(out.read_text()).get("rows", [])
+        rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        rows = []
     ids = {i.id for i in items}
     rows = [r for r in rows if r["item"] in ids]  # rows of another size's items are not ours
     done = {(r["item"], r["method"], r["ratio"]) for r in rows}
@@ -216,3 +222,43 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def statement(result: dict) -> str:
+    """The paper's finding, restated from this run's numbers (a few sentences)."""
+    f, c = result["findings"], result["findings"]["claims"]
+    ret = f["retention"]
+    parts = []
+
+    def fam(name):
+        return f"{name} (best: {ret[name]['method']}, {ret[name]['mean']:.2f})"
+
+    if ret["extractive"]["mean"] is not None:
+        others = [fam(x) for x in ("token", "abstractive", "baseline") if ret[x]["mean"] is not None]
+        parts.append(f"Mean retention over ratios 2-20x: extractive {ret['extractive']['mean']:.2f} "
+                     f"(best: {ret['extractive']['method']}) vs " + ", ".join(others) + ".")
+    parts.append("Extractive best: " + ("holds" if c["extractive_best"] else "does not hold") + ".")
+    if c["token_pruning_lags_extractive"] is not None:
+        parts.append("Token pruning lags extractive: "
+                     + ("holds" if c["token_pruning_lags_extractive"] else "does not hold") + ".")
+    if c["abstractive_marginal"] is not None:
+        parts.append("Abstractive no better than extractive on QA retention: "
+                     + ("holds" if c["abstractive_marginal"] else "does not hold") + ".")
+    qa = f["reader_qa"]
+    if qa["extractive"]["mean"] is not None:
+        parts.append("Reader accuracy on needle/similar facts (mean over ratios): "
+                     + ", ".join(f"{k} {v['mean']:.2f}" for k, v in qa.items()
+                                 if v["mean"] is not None) + ".")
+    s = f.get("similar_facts")
+    if s:
+        parts.append(f"Similar facts: uncompressed {s['uncompressed']:.2f}, best compressed "
+                     f"{s['best_score']:.2f} ({s['best']} at {s['best_ratio']:g}x): compression "
+                     + ("helps" if c.get("compression_helps_similar_facts") else "does not help")
+                     + " the small reader here.")
+    summ = f["summary_rouge_l"]
+    if summ["extractive"]["mean"] is not None:
+        parts.append("Summary ROUGE-L F1: " + ", ".join(
+            f"{k} {v['mean']:.3f}" for k, v in summ.items() if v["mean"] is not None) + ".")
+    if not result.get("complete", True):
+        parts.append("(Partial run: not every item finished; see n per cell.)")
+    return " ".join(parts)
