@@ -1,0 +1,242 @@
+"""KVQuant library: levels, packing, quantizers, calibration files, the packed cache on the real
+embedded model and real text (accuracy), and clear errors for bad input."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.kvquant import (
+    Calibration,
+    KVQuantCache,
+    Rotary,
+    calibrate,
+    forward_with_cache,
+    geometry,
+    load_calibration,
+    method,
+    perplexity,
+)
+from workbench.kvquant.anatomy import attention_modules
+from workbench.kvquant.levels import (
+    bin_centers,
+    histogram,
+    kmeans_levels,
+    nf_levels,
+    qnorm_table,
+    round_to_levels,
+    uniform_levels,
+)
+from workbench.kvquant.methods import ablation, leave_one_out
+from workbench.kvquant.packing import pack_codes, unpack_codes
+from workbench.kvquant.quantize import LayerTables, dequantize, quantize
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    from workbench.models import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def calib(model_tok):
+    return load_calibration(model_tok[0])
+
+
+@pytest.fixture(scope="module")
+def text_ids(model_tok):
+    from workbench.data import text_chunks
+
+    return text_chunks(model_tok[1], 256, 2, "python_docs")      # (2, 256) real text
+
+
+# ---- levels and packing ----------------------------------------------------------------------
+
+
+def test_levels():
+    for b in (2, 3, 4):
+        u = uniform_levels(b)
+        assert len(u) == 2 ** b and u[0] == -1 and u[-1] == 1
+        nf = nf_levels(b)
+        assert torch.allclose(nf, -nf.flip(0)) and nf.abs().max() == 1
+    with pytest.raises(WorkbenchError, match="5-bit"):
+        uniform_levels(5)
+    # k-means on two clusters puts levels at the clusters
+    x = torch.cat([torch.full((1000,), -0.5), torch.full((1000,), 0.25)])
+    lv = kmeans_levels(histogram(x, None, 512), 2)
+    assert torch.isclose(lv, torch.tensor(-0.5), atol=0.01).any()
+    assert torch.isclose(lv, torch.tensor(0.25), atol=0.01).any()
+    # Q-Norm keeps the mean and std of the calibration values
+    h = histogram(torch.randn(20000).clamp(-1, 1) * 0.4, None, 512)
+    lv = kmeans_levels(h, 2)
+    table = qnorm_table(lv, h)
+    x = bin_centers(512)
+    q = table[round_to_levels(x, lv).long()]
+    w = h / h.sum()
+    assert abs(float((w * q).sum() - (w * x).sum())) < 1e-4
+    sd = lambda t: float((w * (t - (w * t).sum()) ** 2).sum().sqrt())  # noqa: E731
+    assert abs(sd(q) - sd(x)) < 1e-4
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_pack_roundtrip(bits):
+    codes = torch.randint(0, 2 ** bits, (2, 3, 7, 64), dtype=torch.uint8)
+    planes = pack_codes(codes, bits)
+    assert planes.shape == (2, 3, 7, bits, 8) and planes.dtype == torch.uint8
+    assert torch.equal(unpack_codes(planes), codes)
+
+
+def test_method_names_and_errors():
+    assert method("nuq3-1%") == method("kvquant", 3)
+    assert method("nuq2").outlier_fraction == 0 and method("nuq4-1%").bits == 4
+    assert method("kivi-2").key_ranges == "online" and method("atom-4").key_axis == "token"
+    assert method("fp16").is_fp16
+    with pytest.raises(WorkbenchError, match="not supported"):
+        method("kvquant", 5)
+    with pytest.raises(WorkbenchError, match="Unknown method"):
+        method("gptq", 3)
+    with pytest.raises(WorkbenchError, match="bit width"):
+        method("kivi")
+    assert ablation(3)[-1].name.endswith("KVQuant)") and len(leave_one_out(3)) == 8
+
+
+# ---- quantizers ------------------------------------------------------------------------------
+
+
+def test_quantize_outliers_and_sink_exact():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 40, 64, generator=gen)
+    lv = nf_levels(3)
+    lo, hi = x.amin((0, 2)) * 0.5, x.amax((0, 2)) * 0.5                 # many key outliers
+    tables = LayerTables(lv, lv, lv, lv, lo, hi)
+    spec = method("kvquant", 3, levels="nf", q_norm=False, sink_tokens=2)
+    for kind in ("k", "v"):
+        q = quantize(x, spec, kind, tables, start=0)
+        back = dequantize(q, spec, kind, tables)
+        assert q.codes.dtype == torch.uint8 and q.codes.shape == (2, 3, 40, 3, 8)
+        assert torch.allclose(back[:, :, :2], x[:, :, :2], atol=2e-3)   # sinks exact (fp16)
+        outl = (x < lo[None, :, None]) | (x > hi[None, :, None]) if kind == "k" else None
+        if outl is not None:
+            assert torch.allclose(back[outl], x[outl], atol=2e-2, rtol=1e-3)
+        err = (back - x).abs()[:, :, 2:]
+        assert float(err.mean()) < 0.25 * float(x.abs().mean())   # 3-bit NF, 64-wide
+    # appending later tokens gives the same as quantizing all at once (per-token methods)
+    a = quantize(x[:, :, :30], spec, "v", tables, start=0)
+    b = quantize(x[:, :, 30:], spec, "v", tables, start=30)
+    whole = dequantize(quantize(x, spec, "v", tables), spec, "v", tables)
+    assert torch.allclose(dequantize(a.append(b), spec, "v", tables), whole)
+
+
+# ---- the cache on the real model -------------------------------------------------------------
+
+
+def test_rope_undo_matches_k_proj(model_tok, text_ids):
+    """The cache's pre-RoPE keys (undone rotation) equal the k_proj outputs."""
+    model = model_tok[0]
+    geo = geometry(model)
+    assert (geo.kv_heads, geo.q_heads, geo.head_dim) == (3, 9, 64)     # GQA by default
+    captured = {}
+    attn = attention_modules(model)[5]
+    h = attn.k_proj.register_forward_hook(lambda m, i, o: captured.setdefault("k", o))
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        forward_with_cache(model, text_ids[:1, :64], cache)
+    h.remove()
+    post = cache.layers[5].keys                                         # (1, 3, 64, 64)
+    rot = Rotary(model)
+    pre = Rotary.undo(post, *rot.cos_sin(torch.arange(64)))
+    k_proj = captured["k"].view(1, 64, 3, 64).transpose(1, 2)
+    torch.testing.assert_close(pre, k_proj, atol=1e-4, rtol=1e-4)
+
+
+def test_cache_holds_packed_codes_and_generates(model_tok, calib, text_ids):
+    model, tok = model_tok
+    cache = KVQuantCache(model, "nuq3-1%", calib)
+    prompt = text_ids[:1, :120]
+    with torch.no_grad():
+        out = model.generate(prompt, past_key_values=cache, max_new_tokens=12, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    layer = cache.layers[0]
+    assert layer.qk.codes.dtype == torch.uint8 and layer.qk.codes.shape[-2:] == (3, 8)
+    assert layer.keys.numel() == 0                                      # no dequantized copy
+    mem = cache.memory()
+    assert mem["tokens"] == out.shape[1] - 1
+    assert mem["compression"] > 3.5 and mem["bits_per_element"] < 4.5
+    text = tok.decode(out[0, 120:])
+    assert len(text.strip()) > 0
+
+
+def test_cache_matches_fp16_and_orders_methods(model_tok, calib, text_ids):
+    """Real text: fp16 cache = dense model; nuq3-1% beats ATOM-like and KIVI-like 3 bits."""
+    model = model_tok[0]
+    ids = text_ids[:1]
+    with torch.no_grad():
+        dense = model(ids).logits
+        cache = KVQuantCache(model, "fp16")
+        fp = forward_with_cache(model, ids, cache).logits
+    assert (fp - dense).abs().max() < 0.05
+    ppl = {name: perplexity(model, ids, name, calib, progress=False)["ppl"]
+           for name in ("fp16", "atom-3", "kivi-3", "nuq3-1%", "nuq4-1%")}
+    assert ppl["nuq3-1%"] < ppl["kivi-3"] < ppl["atom-3"]
+    assert ppl["nuq4-1%"] < ppl["fp16"] * 1.03
+
+
+def test_cache_batch_and_kivi_pending(model_tok, calib, text_ids):
+    model = model_tok[0]
+    cache = KVQuantCache(model, "kivi-3")
+    with torch.no_grad():
+        forward_with_cache(model, text_ids[:, :100], cache)            # 64 quantized + 36 pending
+        forward_with_cache(model, text_ids[:, 100:101], cache)
+    layer = cache.layers[3]
+    assert layer.qk.seq_len == 64 and layer.pending_k.shape[2] == 37
+    assert cache.get_seq_length() == 101
+    cache = KVQuantCache(model, "nuq3-1%", calib)
+    with torch.no_grad():
+        forward_with_cache(model, text_ids[:, :50], cache)
+    cache.batch_select_indices(torch.tensor([1]))
+    assert cache.layers[0].qv.codes.shape[0] == 1
+
+
+# ---- calibration -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_calibrate_save_load(model_tok, tmp_path, text_ids):
+    model, tok = model_tok
+    cal = calibrate(model, ids=text_ids[:, :160].repeat(4, 1), progress=False)
+    assert cal.tensors["k.pre.0.01.lo"].shape == (30, 3, 64)
+    path = cal.save(tmp_path / "c.safetensors")
+    again = Calibration.load(path, model)
+    assert torch.equal(again.tensors["v.0.01.fisher"], cal.tensors["v.0.01.fisher"])
+    tables = again.tables(4, method("nuq2-1%"))
+    assert len(tables.key_levels) == 4 and (tables.key_hi >= tables.key_lo).all()
+
+
+def test_bad_input_errors(model_tok, calib):
+    model, tok = model_tok
+    with pytest.raises(WorkbenchError, match="too short"):
+        calibrate(model, ids=torch.zeros(2, 100, dtype=torch.long), progress=False)
+    with pytest.raises(WorkbenchError, match="needs a calibration"):
+        KVQuantCache(model, "nuq3-1%")
+    other = Calibration(dict(calib.tensors), {**calib.settings, "model": {
+        **calib.settings["model"], "model": "other", "layers": 32, "head_dim": 128}})
+    with pytest.raises(WorkbenchError, match="made for model 'other'"):
+        KVQuantCache(model, "nuq3-1%", other)
+    with pytest.raises(WorkbenchError, match="outlier fractions"):
+        KVQuantCache(model, replace(method("nuq3-1%"), outlier_fraction=0.05), calib)
+    with pytest.raises(WorkbenchError, match="No calibration file"):
+        Calibration.load("/nonexistent/file.safetensors")
+
+    class NoProj(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.layers = torch.nn.ModuleList([torch.nn.Module()])
+            self.model.layers[0].self_attn = torch.nn.Linear(4, 4)
+
+    with pytest.raises(WorkbenchError, match="k_proj"):
+        geometry(NoProj())

@@ -1,0 +1,109 @@
+"""KVQuant Triton kernels against their PyTorch references (Triton's interpreter on CPU), and the
+fused decode kernel on a real model's packed cache."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels.dispatch import HAS_TRITON, is_interpreted  # noqa: E402
+from kernels.kvquant_decode import (  # noqa: E402
+    _kvq_decode_kernel,
+    dequantize_packed,
+    kvquant_decode_attention,
+    kvquant_decode_reference,
+    kvquant_decode_triton,
+)
+from kernels.kvquant_pack import quantize_pack, quantize_pack_reference  # noqa: E402
+from kernels.testing import assert_matches_reference, fresh_seed  # noqa: E402
+from workbench.errors import WorkbenchError  # noqa: E402
+from workbench.kvquant.fused import pack_layer, random_layer  # noqa: E402
+from workbench.kvquant.levels import nf_levels  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    not HAS_TRITON or (DEVICE == "cpu" and not is_interpreted(_kvq_decode_kernel)),
+    reason="needs triton, and on CPU TRITON_INTERPRET=1 set before triton was imported")
+
+
+@needs_triton
+@pytest.mark.parametrize("kv_heads,group,seq,head_dim,bits,frac,dtype", [
+    (2, 3, 150, 64, 3, 0.01, torch.bfloat16),     # GQA like SmolLM2, 3 tiles, 2 splits
+    (1, 1, 70, 32, 2, 0.01, torch.float16),       # MHA, a partial tile
+    (2, 4, 130, 64, 4, 0.0, torch.bfloat16),      # Llama-3-like group, no sparse part
+    (1, 2, 64, 64, 3, 0.05, torch.float32),       # one tile, many outliers
+])
+def test_decode_kernel_matches_reference(kv_heads, group, seq, head_dim, bits, frac, dtype):
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    packed = random_layer(1, kv_heads, seq, head_dim, bits, frac, 1 if frac else 0,
+                          device=DEVICE, generator=gen)
+    q = torch.randn(1, kv_heads * group, head_dim, generator=gen).to(DEVICE, dtype)
+    out = kvquant_decode_attention(q, packed, backend="triton")
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_matches_reference(None, kvquant_decode_reference, (q, packed), kernel_out=(out,),
+                             context=f"(seed {seed})")
+    o, lse = kvquant_decode_triton(q, packed)
+    assert not torch.isnan(o).any() and torch.isfinite(lse).any()
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("mode", ["token", "channel"])
+def test_pack_kernel_matches_reference(bits, mode):
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(37, 64, generator=gen).to(DEVICE)
+    lv = nf_levels(bits).to(DEVICE)
+    table = lv * 1.05
+    if mode == "token":
+        kw = dict(cut_lo=x.quantile(0.02, dim=1), cut_hi=x.quantile(0.98, dim=1),
+                  rows_per_head=5, n_sink=1)
+    else:
+        lo = torch.randn(2, 64, generator=gen).to(DEVICE) - 1.0
+        kw = dict(lo=lo, hi=lo + 2.0, heads=2, rows_per_head=7, pos0=0, n_sink=2)
+    got = quantize_pack(x, lv, table, bits, backend="triton", **kw)
+    ref = quantize_pack_reference(x, lv, table, bits, **kw)
+    assert torch.equal(got[0], ref[0]), f"seed {seed}"
+    for a, b in zip(got[1:], ref[1:], strict=True):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a.float(), b.float(), atol=1e-3, rtol=1e-3)
+
+
+def test_decode_errors():
+    packed = random_layer(1, 2, 40, 64, 3)
+    with pytest.raises(WorkbenchError, match="q must be"):
+        kvquant_decode_attention(torch.randn(1, 3, 64), packed)
+    with pytest.raises(WorkbenchError, match="per-token"):
+        quantize_pack(torch.randn(4, 64), nf_levels(3), nf_levels(3), 3)
+
+
+@needs_triton
+def test_kernel_reads_real_cache():
+    """Prefill real text into a KVQuantCache, pack one layer for the kernel: its keys/values are
+    the cache's, and the kernel's attention matches attention over the cache's output."""
+    from workbench.data import text_chunks
+    from workbench.kvquant import KVQuantCache, forward_with_cache, load_calibration
+    from workbench.models import load_model
+
+    model, tok = load_model()
+    cache = KVQuantCache(model, "nuq3-1%", load_calibration(model))
+    ids = text_chunks(tok, 96, 1, "sharegpt")
+    with torch.no_grad():
+        forward_with_cache(model, ids, cache)
+        k_cache, v_cache = cache.layers[7].update(torch.zeros(1, 3, 0, 64),
+                                                  torch.zeros(1, 3, 0, 64))
+    packed = pack_layer(cache.layers[7])
+    k, v = dequantize_packed(packed)
+    torch.testing.assert_close(k, k_cache, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(v, v_cache, atol=1e-4, rtol=1e-4)
+    q = torch.randn(1, 9, 64)
+    got = kvquant_decode_attention(q, packed, backend="triton")
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], k_cache, v_cache, enable_gqa=True)[:, :, 0]
+    torch.testing.assert_close(got, dense, atol=1e-3, rtol=1e-3)
