@@ -12,7 +12,9 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 # Quiet spinning OpenMP threads on a shared 2-core machine (same results, often much faster).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup lab test lint notebooks browser clean
+.PHONY: setup lab test lint notebooks browser compression-app clean
+
+PORT ?= 7860
 
 setup: $(STAMP)
 
@@ -45,6 +47,10 @@ lint: setup
 notebooks: setup
 	WORKBENCH_STATIC_FIGURES=1 $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 		--ExecutePreprocessor.timeout=900 notebooks/[0-9]*.ipynb
+
+# The prompt-compression comparison app (Gradio) on http://127.0.0.1:$(PORT)
+compression-app: setup
+	$(BIN)/python -m apps.compression_app --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
