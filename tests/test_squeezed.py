@@ -230,3 +230,23 @@ def _long_cache(cache, model):
         layer.values = torch.cat([layer.values, layer.values.new_zeros(
             *layer.values.shape[:2], pad, layer.values.shape[3])], 2)
     return c
+
+
+def test_widgets_explorer_and_heatmap(setup, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_STATIC_FIGURES", "1")
+    from workbench.squeezed.capture import capture_user_queries
+    from workbench.widgets.centroids import budget_heatmap, centroid_explorer, explorer_state
+
+    model, _, ctx, user, cap, index = setup
+    queries = capture_user_queries(model, cap.cache, user[:6], context_len=ctx.numel())
+    assert queries.shape == (model.config.num_hidden_layers, model.config.num_attention_heads,
+                             6, 64)
+    small = explorer_state(index, cap.keys, queries, 10, 1, 0.25, 5)
+    large = explorer_state(index, cap.keys, queries, 10, 1, 0.5, 5)
+    assert small["kept"].shape == (288 - 4 - 16,) and small["xy"].shape == (288 - 20, 2)
+    assert small["kept_fraction"] <= large["kept_fraction"]
+    assert 0 < small["mass_kept"] <= large["mass_kept"] + 1e-6 <= 1 + 1e-5
+    fig = centroid_explorer(index, cap.keys, queries, layer=10, budget="1/4")
+    assert len(fig.data) == 3 and "keeps" in fig.layout.title.text
+    heat = budget_heatmap(torch.rand(30, 3))
+    assert heat.data[0].z is not None

@@ -118,3 +118,33 @@ def capture_context(model, context_ids, window: int = 64, chunk: int = 2048) -> 
     keys = [layer.keys[0].detach() for layer in cache.layers]              # (kv, n, d) each
     queries = [state.queries[i] for i in range(len(keys))]
     return ContextCapture(context_ids=ids, keys=keys, queries=queries, cache=cache)
+
+
+class _QueryState:
+    """Dense causal attention that keeps the queries of the user tokens (after the context)."""
+
+    def __init__(self, context_len: int):
+        self.context_len = context_len
+        self.queries: dict[int, torch.Tensor] = {}
+
+    def attend(self, layer, q, k, v, scaling):
+        start = k.shape[2] - q.shape[2]
+        skip = max(0, self.context_len - start)
+        part = q[0, :, skip:].detach().float().cpu()                        # (hq, u, d)
+        prev = self.queries.get(layer)
+        self.queries[layer] = part if prev is None else torch.cat([prev, part], dim=1)
+        return dense_causal(q, k, v, scaling)
+
+
+@torch.no_grad()
+def capture_user_queries(model, cache, user_ids, context_len: int) -> torch.Tensor:
+    """Post-RoPE queries of a user input that follows the cached context (dense attention).
+    cache: the context's cache (copied, not changed). Returns (layers, q_heads, u, d) float32."""
+    import copy
+
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(user_ids, dtype=torch.long).reshape(1, -1).to(device)
+    state = _QueryState(context_len)
+    with attention_state(model, state):
+        model(ids, use_cache=True, **cache_kwargs(model, copy.deepcopy(cache)))
+    return torch.stack([state.queries[i] for i in range(len(state.queries))])

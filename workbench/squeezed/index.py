@@ -270,36 +270,64 @@ class SqueezedIndex:
 
 
 def _cluster_layer(keys: torch.Tensor, n_fine: int, n_coarse: int, iterations: int,
-                   gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """keys (kv, n, d) -> fine/coarse centroids with fine centroids sorted by parent."""
+                   gen: torch.Generator, n_outliers: int = 0) -> dict[str, torch.Tensor]:
+    """keys (kv, n, d) -> fine/coarse centroids with fine centroids sorted by parent.
+
+    n_outliers: the keys that fit their cluster worst (lowest cosine to its direction) leave it
+    and become clusters of their own (size 1, centroid = the key), so a rare key (a name, a
+    number) is scored exactly instead of being averaged into a cluster of common ones.
+    """
     fine = kmeans_cosine(keys, n_fine, iterations=iterations, generator=gen)
-    coarse = kmeans_cosine(fine.centroids, n_coarse, iterations=iterations, generator=gen,
-                           weights=fine.sizes.float())
+    centroids, sizes, labels = fine.centroids, fine.sizes, fine.labels
+    if n_outliers:
+        kv, n, d = keys.shape
+        unit = keys / keys.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        fit = (unit * torch.gather(fine.directions, 1, labels[..., None].expand(-1, -1, d))
+               ).sum(-1)                                                    # (kv, n) cosine
+        out = fit.topk(n_outliers, dim=1, largest=False).indices            # (kv, n_out)
+        rows = torch.arange(kv)[:, None]
+        sizes = sizes.clone()
+        sizes.scatter_add_(1, labels[rows, out], -torch.ones_like(out))
+        member = torch.ones(kv, n, dtype=torch.bool)
+        member[rows, out] = False
+        sums = torch.zeros(kv, n_fine, d).scatter_add_(
+            1, labels[..., None].expand(-1, -1, d), keys.float() * member[..., None])
+        centroids = torch.where(sizes[..., None] > 0, sums / sizes.clamp_min(1)[..., None], 0.0)
+        centroids = torch.cat([centroids, keys[rows, out].float()], 1)     # (kv, kf + n_out, d)
+        sizes = torch.cat([sizes, torch.ones_like(out)], 1)
+        labels = labels.clone()
+        labels[rows, out] = n_fine + torch.arange(n_outliers)[None, :].expand(kv, -1)
+    n_all = centroids.shape[1]
+    coarse = kmeans_cosine(centroids, min(n_coarse, n_all), iterations=iterations,
+                           generator=gen, weights=sizes.float())
     parent = coarse.labels                                                  # (kv, kf)
     order = torch.argsort(parent, dim=1, stable=True)                       # children contiguous
     rank = torch.argsort(order, dim=1)                                      # old id -> new id
     d = keys.shape[-1]
-    coarse_sizes = torch.zeros(keys.shape[0], n_coarse, dtype=torch.long, device=keys.device)
-    coarse_sizes.scatter_add_(1, parent, fine.sizes)
+    coarse_sizes = torch.zeros(keys.shape[0], coarse.centroids.shape[1], dtype=torch.long,
+                               device=keys.device)
+    coarse_sizes.scatter_add_(1, parent, sizes)
     return {
-        "fine": torch.gather(fine.centroids, 1, order[..., None].expand(-1, -1, d)),
-        "fine_sizes": torch.gather(fine.sizes, 1, order),
+        "fine": torch.gather(centroids, 1, order[..., None].expand(-1, -1, d)),
+        "fine_sizes": torch.gather(sizes, 1, order),
         "parent": torch.gather(parent, 1, order),
         "coarse": coarse.centroids,
         "coarse_sizes": coarse_sizes,
-        "labels": torch.gather(rank, 1, fine.labels),
+        "labels": torch.gather(rank, 1, labels),
     }
 
 
 @torch.no_grad()
 def build_index(model, context_ids=None, *, capture: ContextCapture | None = None,
                 n_sink: int = 4, window: int = 64, centroid_ratio: float = 0.05,
-                coarse_ratio: float = 0.125, iterations: int = 20,
-                seed: int = 0) -> SqueezedIndex:
+                coarse_ratio: float = 0.125, outlier_ratio: float = 0.0,
+                iterations: int = 20, seed: int = 0) -> SqueezedIndex:
     """Capture the context's keys (unless `capture` is given) and cluster them.
 
     centroid_ratio: fine centroids per clustered key (the paper: ~5%); coarse_ratio: coarse
-    centroids per fine centroid. k-means runs on the keys' device (CPU or GPU).
+    centroids per fine centroid; outlier_ratio: share of the clustered keys that fit their
+    cluster worst and become singleton clusters (0: plain k-means, the paper's). k-means runs on
+    the keys' device (CPU or GPU).
     """
     if capture is None:
         if context_ids is None:
@@ -320,7 +348,8 @@ def build_index(model, context_ids=None, *, capture: ContextCapture | None = Non
     parts: dict[str, list] = {k: [] for k in _TENSORS[:-2]}
     for keys in capture.keys:                                               # (kv, n, d)
         mid = keys[:, n_sink:n - window].float()                            # (kv, n_clustered, d)
-        for k, v in _cluster_layer(mid, n_fine, n_coarse, iterations, gen).items():
+        n_out = round(outlier_ratio * n_clustered)
+        for k, v in _cluster_layer(mid, n_fine, n_coarse, iterations, gen, n_out).items():
             parts[k].append(v.cpu())
     cfg = model.config
     return SqueezedIndex(
