@@ -123,3 +123,14 @@ def test_real_model_constrained_plan_parses():
     plan, result = Planner(LocalChat(), box, max_tokens=120).plan(entry.messages[0]["content"])
     assert plan.ok and not plan.issues, result.text
     assert {t.tool for t in plan.calls} == {"spotify.play"}
+
+
+def test_enum_values_that_would_repeat_a_line_are_refused_early():
+    box = Toolbox([Tool.from_schema(_schema("g", {"mode": {"type": "string",
+                                                           "enum": ["a", "b"]}}, ["mode"]),
+                                    lambda **k: k)])
+    g = PlanGrammar(box)
+    st_ = g.advance(g.initial(), '1. g(mode="a")\n2. g(mode="b")\n3. ')
+    assert g.advance(st_, 'g(mode="') is None            # both values would repeat a line
+    assert g.advance(st_, "g(mode=$1)") is not None and g.advance(st_, "join()") is not None
+    assert g.advance(g.initial(), "1. g(mode=$²") is None  # "²".isdigit() is True in Python

@@ -35,6 +35,7 @@ from workbench.compiler.parser import END_MARKER
 from workbench.compiler.tools import Toolbox
 
 STR_SPECIAL = set('"\\$\n\r\t<')     # "<": the end marker must never appear inside a string
+DIGITS = frozenset("0123456789")            # str.isdigit() is also true for "²"
 PRINTABLE = set(string.printable) - set("\n\r\t\x0b\x0c")
 _TYPE = {str: "str", int: "int", float: "float", bool: "bool", list: "list", dict: "dict",
          object: "any"}
@@ -70,6 +71,7 @@ class PlanGrammar:
                       for t in toolbox}
         self.max_tasks, self.min_tasks = max_tasks, min_tasks
         self.max_string, self.max_items, self.max_depth = max_string, max_items, max_depth
+        self.allow_repeat = False     # set only as the way out of a dead end (see PlanProcessor)
 
     def initial(self, done: list[str] = ()) -> tuple:
         """Start of a plan; `done`: call texts already written (ReAct steps), numbered 1..k."""
@@ -95,7 +97,7 @@ class PlanGrammar:
         top = frames[-1]
         if top[0] != "plan" and top[0] != "end":
             st = (n, lines, cur + ch, frames)
-        if top[0] == "call" and top[3] == "after" and not self._alive(st):
+        if not self._alive(st):
             return None
         return st
 
@@ -103,8 +105,26 @@ class PlanGrammar:
         return st[3][-1][0] == "end"
 
     def _alive(self, st) -> bool:
-        """After a value: can the line still be finished (',' for another argument, or ')')?"""
-        return self._step(st, ",") is not None or self._step(st, ")") is not None
+        """Can the line still be finished without repeating an earlier one? Checked where the
+        choices are finite: after a value (',' or ')'), and for enum strings and booleans (some
+        allowed value must lead on)."""
+        top = st[3][-1]
+        kind = top[0]
+        if kind == "call" and top[3] == "after":
+            return self._step(st, ",") is not None or self._step(st, ")") is not None
+        if kind == "str" and top[1] is not None and not top[3]:
+            return any(self.advance(st, e[len(top[2]):] + '"') is not None
+                       for e in top[1] if e.startswith(top[2]))
+        if kind == "word":
+            return any(self.advance(st, o[len(top[2]):]) is not None
+                       for o in top[1] if o.startswith(top[2]))
+        if kind == "start" and st[0] == 0:          # no $N possible: only the literals
+            spec = top[1]
+            if spec[0] == "str" and spec[1] is not None:
+                return any(self.advance(st, f'"{e}"') is not None for e in spec[1])
+            if spec[0] == "bool":
+                return any(self.advance(st, w) is not None for w in ("True", "False"))
+        return True
 
     def _step(self, st, ch):
         top = st[3][-1]
@@ -156,7 +176,7 @@ class PlanGrammar:
             if ch == ")" and spec.required <= used:
                 n, lines, cur, frames = st
                 line = (cur + ")").split(". ", 1)[-1]
-                if line in lines:
+                if line in lines and not self.allow_repeat:
                     return None
                 return (n + 1, lines | {line}, "", (("plan",), ("lit", "\n", 0)))
             return None
@@ -179,7 +199,7 @@ class PlanGrammar:
         n, depth = st[0], len(st[3])
         if ch == "$":
             return self._replace(st, ("ref", "")) if n >= 1 else None
-        if kind in ("int", "float", "any") and (ch.isdigit() or ch == "-"):
+        if kind in ("int", "float", "any") and ((ch in DIGITS) or ch == "-"):
             if kind == "any":
                 kind = "float"
             return self._replace(st, ("num", kind, ch))
@@ -198,14 +218,14 @@ class PlanGrammar:
 
     def _num(self, st, top, ch):
         _, kind, text = top
-        if ch.isdigit():
+        if (ch in DIGITS):
             if text in ("0", "-0") or len(text) >= 15:
                 return None
             return self._replace(st, ("num", kind, text + ch))
-        if ch == "." and kind == "float" and "." not in text and text[-1].isdigit() \
+        if ch == "." and kind == "float" and "." not in text and (text[-1] in DIGITS) \
                 and len(text) < 14:
             return self._replace(st, ("num", kind, text + ch))
-        if text[-1].isdigit():
+        if (text[-1] in DIGITS):
             return self._step(self._replace(st), ch)   # number complete; the parent reads ch
         return None
 
@@ -223,10 +243,10 @@ class PlanGrammar:
         if digits.startswith("{"):                   # ${N}
             if ch == "}" and len(digits) > 1:
                 return self._replace(st)
-            if ch.isdigit() and not (digits == "{" and ch == "0") and int(digits[1:] + ch) <= n:
+            if (ch in DIGITS) and not (digits == "{" and ch == "0") and int(digits[1:] + ch) <= n:
                 return self._replace(st, ("ref", digits + ch))
             return None
-        if ch.isdigit() and not (digits == "" and ch == "0") and int(digits + ch) <= n:
+        if (ch in DIGITS) and not (digits == "" and ch == "0") and int(digits + ch) <= n:
             return self._replace(st, ("ref", digits + ch))
         if not digits:
             return self._replace(st, ("ref", "{")) if ch == "{" else None
@@ -241,7 +261,7 @@ class PlanGrammar:
             digits = dollar[2:]
             if ch == "}" and digits:
                 return self._replace(st, ("str", enum, text + ch, ""))
-            if ch.isdigit() and not (not digits and ch == "0") and int(digits + ch) <= n:
+            if (ch in DIGITS) and not (not digits and ch == "0") and int(digits + ch) <= n:
                 return self._replace(st, ("str", enum, text + ch, dollar + ch))
             return None
         if ch == '"':
@@ -368,7 +388,8 @@ def _line_start(frames: tuple) -> bool:
 class PlanProcessor:
     """LocalChat logits processor: keeps the grammar state in step with the generated tokens.
 
-    `stats` counts masked steps and dead ends (no token allowed: only end-of-text is left).
+    `stats` counts masked steps, dead ends (every continuation repeats an earlier line: the
+    repeat is then allowed and the plan ends after it), forced joins and off-grammar tokens.
     """
 
     def __init__(self, grammar: PlanGrammar, vocab: Vocabulary, budget: int | None = None):
@@ -468,6 +489,12 @@ class PlanProcessor:
                 self.stats["forced_join"] += 1
         m = self.mask(self.state)
         if not bool(m.any()):
+            # every continuation would repeat an earlier line: let this line repeat (the parser
+            # turns it into an alias of the first) and end the plan after it
             self.stats["dead_ends"] += 1
-            m[self.vocab.eos] = True
+            self.grammar = copy.copy(self.grammar)
+            self.grammar.allow_repeat, self.grammar.max_tasks = True, self.state[0] + 1
+            m = self.mask(self.state)
+            if not bool(m.any()):
+                m[self.vocab.eos] = True
         return scores.masked_fill(~m.to(scores.device).unsqueeze(0), float("-inf"))

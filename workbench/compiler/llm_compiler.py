@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from dataclasses import dataclass, field
 
 from workbench.compiler.executor import (
@@ -28,7 +27,7 @@ from workbench.compiler.joiner import Decision, Joiner, observations_text
 from workbench.compiler.parser import Plan, PlanParser, Task
 from workbench.compiler.planner import Planner, describe_context
 from workbench.compiler.timeline import Timeline
-from workbench.compiler.tools import Toolbox
+from workbench.compiler.tools import Toolbox, run_sync
 from workbench.llm import ChatBackend, ChatResult
 
 
@@ -65,29 +64,6 @@ class RunResult:
         calls = sum(1 for r in self.rounds for t in r.records.values() if not t.task.is_join)
         return (f"{self.agent}: {len(self.llm_calls)} LLM calls, {calls} tool calls, "
                 f"{len(self.rounds)} round(s), {self.seconds:.2f} s")
-
-
-def run_sync(coro):
-    """Run a coroutine to completion from sync code, also where an event loop already runs
-    (Jupyter): then in a fresh loop on a helper thread."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = asyncio.run(coro)
-        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
-            box["error"] = err
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 class LLMCompiler:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+import threading
 import time
 import typing
 from collections.abc import Callable, Iterable
@@ -78,6 +79,29 @@ class Observation:
     @property
     def text(self) -> str:
         return str(self.value) if self.ok else f"Error: {self.error}"
+
+
+def run_sync(coro):
+    """Run a coroutine to completion from sync code, also where an event loop already runs
+    (Jupyter): then in a fresh loop on a helper thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def coerce(value, kind: type, name: str, items: type | None = None):
@@ -252,8 +276,8 @@ class Tool:
         return Observation(False, None, msg, time.perf_counter() - t0)
 
     def __call__(self, **kwargs) -> Observation:
-        """Run synchronously (outside an event loop): `box["add"](a=1, b=2)`."""
-        return asyncio.run(self.acall(kwargs))
+        """Run synchronously, also inside Jupyter's event loop: `box["add"](a=1, b=2)`."""
+        return run_sync(self.acall(kwargs))
 
     @classmethod
     def from_function(cls, fn: Callable, name: str | None = None, description: str | None = None,
