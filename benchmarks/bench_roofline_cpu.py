@@ -8,7 +8,8 @@ latency from matrix-vector products, fp32 matrix rate), the software stack's fix
 (the same architecture at width 64, `framework_latency`), then the embedded model (float32, real
 text from the Python docs) at several prompt lengths: one prefill pass, then greedy decode
 steps. Predictions use the measured ceilings, first without and then with the per-op cost.
-The CPU is shared with other processes here: every time is the fastest of its repeats.
+The CPU is shared with other processes here: every time is the fastest of its repeats, and the
+ceilings are measured before and after the model and the less disturbed measurement is kept.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -36,9 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     contexts = tuple(int(c) for c in args.contexts.split(","))
     model, tokenizer = load_model(device="cpu")
-    chip = measure_this_machine("cpu")
-    overhead = framework_latency(model)
+    before, overhead_before = measure_this_machine("cpu"), framework_latency(model)
     rows = measure_speed(model, tokenizer, contexts=contexts, decode_steps=8, repeats=3)
+    after, overhead_after = measure_this_machine("cpu"), framework_latency(model)
+    # the least disturbed of the two measurements (each is already the fastest of repeats)
+    chip = max(before, after, key=lambda c: c.bandwidth)
+    chip = chip.with_ceilings(flops16=None, suffix="")
+    chip = replace(chip, key="this-machine", measured=True,
+                   vector_flops=max(before.vector_flops, after.vector_flops),
+                   op_latency=min(before.op_latency, after.op_latency))
+    overhead = min(overhead_before, overhead_after, key=lambda o: o["latency_s"])
     chip_sw = chip.with_ceilings(op_latency=max(chip.op_latency, overhead["latency_s"]),
                                  suffix=" + framework per-op cost")
     roofline = compare(model, chip, rows)

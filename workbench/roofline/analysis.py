@@ -189,18 +189,20 @@ class Analysis:
         for c in self.costs:
             key = c.op.name if by == "op" else c.op.group
             r = rows.setdefault(key, {by: key, "count": 0, "GFLOP": 0.0, "MB": 0.0,
-                                      "us": 0.0, "bound": c.bound})
+                                      "us": 0.0, "bounds": {}})
             r["count"] += c.op.count
             r["GFLOP"] += c.op.flops * c.op.count / 1e9
             r["MB"] += c.op.bytes * c.op.count / 1e6
             r["us"] += c.total_time * 1e6
+            r["bounds"][c.bound] = r["bounds"].get(c.bound, 0.0) + c.total_time
         total = self.time
         out = []
         for r in rows.values():
             intensity = r["GFLOP"] * 1e3 / r["MB"] if r["MB"] else float("inf")
             out.append({by: r[by], "count": r["count"], "GFLOP": round(r["GFLOP"], 4),
                         "MB": round(r["MB"], 3), "FLOP/B": round(intensity, 2),
-                        "time %": round(100 * r["us"] * 1e-6 / total, 1), "bound": r["bound"]})
+                        "time %": round(100 * r["us"] * 1e-6 / total, 1),
+                        "bound": max(r["bounds"], key=r["bounds"].get)})
         return out
 
     def summary(self) -> str:

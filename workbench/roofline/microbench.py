@@ -177,7 +177,12 @@ def measure_this_machine(device: str | None = None) -> Chip:
         fp32 = max(_matmul_rate(device, dtype, n) for n in (1024, 1536))
         matrix16 = None
         name = f"{_cpu_name()}, {torch.get_num_threads()} threads"
-    extra = {"device": device, "dtype": str(dtype).replace("torch.", ""),
+    try:
+        load = os.getloadavg()[0]  # other processes competing for the cores (1-minute average)
+    except OSError:
+        load = None
+    extra = {"device": device, "dtype": str(dtype).replace("torch.", ""), "load_average": load,
+             "cpu_count": os.cpu_count(),
              "copy_Bps": copy_bps, "stream": stream, "matrix16_flops": matrix16,
              "fp32_flops": fp32, "seconds": round(time.perf_counter() - started, 1),
              "date": date.today().isoformat()}

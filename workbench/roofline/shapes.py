@@ -134,8 +134,7 @@ def known_config(name: str, **overrides):
         raise WorkbenchError(f"No built-in config named {name!r}. Built-in: "
                              f"{', '.join(known_models())}. Or pass any transformers config, "
                              "a loaded model, or a local model folder.")
-    kwargs = {k: v for k, v in entry["kwargs"].items() if k != "rope_theta"}
-    config = getattr(transformers, entry["class"])(**{**kwargs, **overrides})
+    config = getattr(transformers, entry["class"])(**{**entry["kwargs"], **overrides})
     config.name_or_path = name.lower()
     return config
 
