@@ -111,16 +111,39 @@ class SqueezedAttention:
         outs.append(self._user_attention(layer, q, k, v, scaling))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
+    def _record(self, layer, frac: torch.Tensor) -> None:
+        """frac (kv,): the share of the context kept per KV head in this call."""
+        self.kept.setdefault(layer, []).append(float(frac.mean()))
+        self.kept_by_head[layer] = self.kept_by_head.get(layer, 0) + frac.float().cpu()
+        self.calls[layer] = self.calls.get(layer, 0) + 1
+
+    def _fast_path(self, layer, q, k, v):
+        """The kernel path (CUDA, squeezed selector): lookup and selection on the device."""
+        from workbench.squeezed.fastpath import DevicePlan, fast_squeezed_attention
+
+        sel = self.selector
+        key = (str(q.device), q.dtype)
+        if getattr(self, "_plan_key", None) != key:
+            self._plan = DevicePlan.from_index(sel.index, sel.budget,
+                                               hierarchical=sel.hierarchical,
+                                               block_size=sel.block_size, device=q.device,
+                                               dtype=q.dtype)
+            self._plan_key = key
+        out, counts = fast_squeezed_attention(self._plan, layer, q, k, v, sel.block_size,
+                                              backend=self.backend, return_counts=True)
+        self._record(layer, counts.float().mean(dim=(0, 2)) / self.context_len)
+        return out
+
     def _user_attention(self, layer, q, k, v, scaling):
         n = self.context_len
+        kernels = (q.is_cuda and self.backend != "torch") or self.backend == "triton"
+        if kernels and isinstance(self.selector, SqueezedSelector) and self.selector.vote == "mean":
+            return self._fast_path(layer, q, k, v)
         k_ctx, v_ctx = k[:, :, :n], v[:, :, :n]
         mask = self.selector.select(layer, q, k_ctx)            # (b, kv, nb, n)
-        frac = mask.float().mean(dim=(0, 2, 3))                 # (kv,)
-        self.kept.setdefault(layer, []).append(float(frac.mean()))
-        self.kept_by_head[layer] = self.kept_by_head.get(layer, 0) + frac.cpu()
-        self.calls[layer] = self.calls.get(layer, 0) + 1
+        self._record(layer, mask.float().mean(dim=(0, 2, 3)))   # (kv,)
         block = self.selector.block_size
-        if q.is_cuda and self.backend != "torch":
+        if kernels:
             from kernels.squeezed_attention import squeezed_context_attention
 
             o_ctx, lse_ctx = squeezed_context_attention(q, k_ctx, v_ctx, mask, block, scaling,

@@ -106,10 +106,10 @@ def kept_centroids(plan: DevicePlan, layer: int, q: torch.Tensor, block_size: in
 
 def fast_squeezed_attention(plan: DevicePlan, layer: int, q: torch.Tensor, k: torch.Tensor,
                             v: torch.Tensor, block_size: int | None = 16,
-                            backend: str = "auto") -> torch.Tensor:
+                            backend: str = "auto", return_counts: bool = False):
     """Squeezed attention of user queries q (b, hq, q_len, d), the last q_len of the keys
     k, v (b, kv, n + u, d) whose first n = plan.context_len are the fixed context.
-    Returns (b, hq, q_len, d)."""
+    Returns (b, hq, q_len, d), and with return_counts also the kept counts (b, kv, n_blocks)."""
     n = plan.context_len
     b, hq, q_len, d = q.shape
     kv, u = k.shape[1], k.shape[2] - n
@@ -126,4 +126,4 @@ def fast_squeezed_attention(plan: DevicePlan, layer: int, q: torch.Tensor, k: to
                               causal_start=u - q_len, backend=backend)
     merged, _ = merge_attention_partials(torch.stack([o1, o2], dim=-2),
                                          torch.stack([l1, l2], dim=-1), backend=backend)
-    return merged
+    return (merged, cnt) if return_counts else merged
