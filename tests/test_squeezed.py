@@ -126,6 +126,7 @@ def setup():
     return model, tokenizer, ctx, user, cap, index
 
 
+@pytest.mark.slow
 def test_capture_matches_the_cache_and_index_shapes(setup):
     model, _, ctx, _, cap, index = setup
     cfg = model.config
@@ -138,6 +139,7 @@ def test_capture_matches_the_cache_and_index_shapes(setup):
     assert (index.coarse_sizes.sum(-1) == index.fine_sizes.sum(-1)).all()
 
 
+@pytest.mark.slow
 def test_budget_one_reproduces_dense_logits_and_budget_is_spent(setup):
     model, _, ctx, user, cap, index = setup
     ids = torch.cat([ctx, user])[None]
@@ -159,6 +161,7 @@ def test_budget_one_reproduces_dense_logits_and_budget_is_spent(setup):
 @pytest.mark.parametrize("selector", [
     StreamingSelector(0.5, block_size=8), RandomSelector(0.5, window=16),
     QuestSelector(0.5, window=16, page=8), OracleSelector(0.5, window=16, block_size=None)])
+@pytest.mark.slow
 def test_baselines_keep_their_budget(setup, selector):
     model, _, ctx, user, cap, _ = setup
     with squeezed_attention(model, selector, context_ids=ctx) as sq:
@@ -166,6 +169,7 @@ def test_baselines_keep_their_budget(setup, selector):
     assert abs(sq.kept_fraction() - 0.5) < 0.03
 
 
+@pytest.mark.slow
 def test_generate_inside_the_context_manager(setup):
     model, tokenizer, ctx, user, cap, index = setup
     ids = torch.cat([ctx, user[:8]])[None]
@@ -181,6 +185,7 @@ def test_generate_inside_the_context_manager(setup):
     assert out.shape == (1, ids.shape[1] + 5) and sq.calls[0] == 5      # prefill + 4 decodes
 
 
+@pytest.mark.slow
 def test_save_load_and_refusals(setup, tmp_path):
     model, _, ctx, user, cap, index = setup
     path = index.save(tmp_path / "ctx.safetensors")
@@ -201,6 +206,7 @@ def test_save_load_and_refusals(setup, tmp_path):
             model(user[None], **cache_kwargs(model, wrong))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", [0, -0.1, 1.5, float("nan"), "half"])
 def test_budget_outside_unit_interval_is_refused(setup, budget):
     model, _, _, _, _, index = setup
@@ -209,6 +215,7 @@ def test_budget_outside_unit_interval_is_refused(setup, budget):
             pass
 
 
+@pytest.mark.slow
 def test_budget_below_sink_and_window_and_too_long_input(setup):
     model, _, ctx, _, cap, index = setup
     with pytest.raises(WorkbenchError, match="always kept"):
@@ -232,6 +239,7 @@ def _long_cache(cache, model):
     return c
 
 
+@pytest.mark.slow
 def test_widgets_explorer_and_heatmap(setup, monkeypatch):
     monkeypatch.setenv("WORKBENCH_STATIC_FIGURES", "1")
     from workbench.squeezed.capture import capture_user_queries
