@@ -159,7 +159,10 @@ def main(argv=None) -> None:
     else:
         calib = calibrate(model, tokenizer)
         calib.save(path)
-    settings = {"model": calib.settings["model"]["model"], "context": args.context,
+    from workbench.models import EMBEDDED_NAME
+
+    settings = {"model": f"{EMBEDDED_NAME} (embedded; GGUF Q4_1 weights de-quantized to "
+                         "float32)", "context": args.context,
                 "windows": args.windows, "source": args.source,
                 "calibration": calib.settings["text"], "calibration_file": path.name,
                 "note": "keys/values quantized as they enter the cache; every query attends "
