@@ -9,7 +9,8 @@ latency from matrix-vector products, fp32 matrix rate), the software stack's fix
 text from the Python docs) at several prompt lengths: one prefill pass, then greedy decode
 steps. Predictions use the measured ceilings, first without and then with the per-op cost.
 The CPU is shared with other processes here: every time is the fastest of its repeats, and the
-ceilings are measured before and after the model and the less disturbed measurement is kept.
+ceilings are measured before and after the model runs; their geometric mean stands for the
+machine as it was during the runs (both are in the JSON, with the load average).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ from workbench.roofline.units import format_table
 CONTEXTS = (64, 256, 1024, 2048)
 
 
+def _summary(chip) -> dict:
+    return {"bandwidth_Bps": chip.bandwidth, "fp32_flops": chip.vector_flops,
+            "op_latency_s": chip.op_latency, "load_average": chip.extra.get("load_average")}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for roofline_cpu.json")
@@ -41,14 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     before, overhead_before = measure_this_machine("cpu"), framework_latency(model)
     rows = measure_speed(model, tokenizer, contexts=contexts, decode_steps=8, repeats=3)
     after, overhead_after = measure_this_machine("cpu"), framework_latency(model)
-    # the least disturbed of the two measurements (each is already the fastest of repeats)
-    chip = max(before, after, key=lambda c: c.bandwidth)
-    chip = chip.with_ceilings(flops16=None, suffix="")
-    chip = replace(chip, key="this-machine", measured=True,
-                   vector_flops=max(before.vector_flops, after.vector_flops),
-                   op_latency=min(before.op_latency, after.op_latency))
-    overhead = min(overhead_before, overhead_after, key=lambda o: o["latency_s"])
-    chip_sw = chip.with_ceilings(op_latency=max(chip.op_latency, overhead["latency_s"]),
+    # the machine as it was during the model runs: geometric mean of the before/after ceilings
+    chip = replace(before, bandwidth=(before.bandwidth * after.bandwidth) ** 0.5,
+                   vector_flops=(before.vector_flops * after.vector_flops) ** 0.5,
+                   op_latency=(before.op_latency + after.op_latency) / 2,
+                   extra={**before.extra, "before": _summary(before), "after": _summary(after)})
+    latency = (overhead_before["latency_s"] + overhead_after["latency_s"]) / 2
+    overhead = {**overhead_before, "latency_s": latency, "before": overhead_before,
+                "after": overhead_after}
+    chip_sw = chip.with_ceilings(op_latency=max(chip.op_latency, latency),
                                  suffix=" + framework per-op cost")
     roofline = compare(model, chip, rows)
     with_overhead = compare(model, chip_sw, rows)
