@@ -14,7 +14,8 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model name, e.g. "AMD EPYC" (from /proc/cpuinfo where it exists)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -42,7 +43,7 @@ def machine_info() -> dict:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "memory_gib": _memory_gib(),
         "gpu": gpu,

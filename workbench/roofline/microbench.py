@@ -20,10 +20,10 @@ Set OMP_WAIT_POLICY=PASSIVE on a shared CPU (see shared/data.md).
 from __future__ import annotations
 
 import os
-import platform
 import time
 from datetime import date
 
+from workbench.machine import cpu_name
 from workbench.roofline.hardware import Chip
 
 
@@ -144,17 +144,6 @@ def _total_memory(device: str) -> float:
         return 16e9
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def measure_this_machine(device: str | None = None) -> Chip:
     """Measure this machine's ceilings and return them as a `Chip` (extra holds the details)."""
     import torch
@@ -176,7 +165,7 @@ def measure_this_machine(device: str | None = None) -> Chip:
         stream = stream_fit(device, dtype, [1, 4, 16, 64], 256, 1024)
         fp32 = max(_matmul_rate(device, dtype, n) for n in (1024, 1536))
         matrix16 = None
-        name = f"{_cpu_name()}, {torch.get_num_threads()} threads"
+        name = f"{cpu_name()}, {torch.get_num_threads()} threads"
     try:
         load = os.getloadavg()[0]  # other processes competing for the cores (1-minute average)
     except OSError:
