@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from workbench.compression import METHODS, TOLERANCE, Target, compress, get_compressor
@@ -55,6 +55,8 @@ def _check(result, context: str):
 # ------------------------------------------------------------------ the achieved-ratio property
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# a short context where re-tokenization oscillated around the budget (found in CI)
+@example(method="sentence-bm25", doc=7, start=1.0, chars=2031, ratio=2.0, question=False)
 @given(method=st.sampled_from(FAST), doc=st.integers(0, 7), start=st.floats(0, 1),
        chars=st.integers(1500, 9000), ratio=st.floats(2, 20), question=st.booleans())
 def test_achieved_ratio_within_5_percent_fast_methods(tokenizer, method, doc, start, chars,

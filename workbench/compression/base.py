@@ -136,15 +136,17 @@ def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
 
-def render(tok: Tokenized, mask: np.ndarray, joiner: str) -> tuple[str, list[tuple[int, int]]]:
+def render(tok: Tokenized, mask: np.ndarray, joiner: str,
+           strip: bool = True) -> tuple[str, list[tuple[int, int]]]:
     """Text of the kept tokens and their character spans. Runs are joined by `joiner` and
-    stripped first; with an empty joiner (token pruning, truncation) tokens keep their own
-    spaces and nothing is stripped, so whitespace tokens count as the reader sees them."""
+    stripped first (unless `strip=False`); with an empty joiner (token pruning, truncation)
+    tokens keep their own spaces and nothing is stripped, so whitespace tokens count as the
+    reader sees them."""
     spans, parts = [], []
     for a, b in runs(mask):
         start, end = int(tok.starts[a]), int(tok.ends[b - 1])
         piece = tok.text[start:end]
-        if joiner:
+        if joiner and strip:
             stripped = piece.strip()
             if not stripped:
                 continue
@@ -157,13 +159,14 @@ def render(tok: Tokenized, mask: np.ndarray, joiner: str) -> tuple[str, list[tup
 
 
 def fit_mask(tokenizer, tok: Tokenized, scores: np.ndarray, budget: int, joiner: str = " ",
-             mask: np.ndarray | None = None, rounds: int = 12):
+             mask: np.ndarray | None = None, rounds: int = 16):
     """Keep the `budget` best-scored tokens (or start from `mask`), then add or drop tokens by
     score until the rendered text re-tokenizes to the budget (within 2%, at least exactly one
-    token's worth when the budget is small). Returns (text, spans, mask).
+    token's worth when the budget is small). Returns (text, spans, mask) of the closest attempt.
 
     Re-tokenizing joined pieces can merge or split tokens, and stripped whitespace disappears;
-    each round corrects by the difference.
+    each round corrects by the difference, by half of it once a correction overshoots (so the
+    search cannot oscillate around the budget), and the closest rendering seen is kept.
     """
     n = len(tok)
     order = np.argsort(-scores, kind="stable")  # best first
@@ -172,20 +175,36 @@ def fit_mask(tokenizer, tok: Tokenized, scores: np.ndarray, budget: int, joiner:
     if mask is None:
         mask = rank < budget
     mask = mask.copy()
-    text, spans = render(tok, mask, joiner)
+    strip = True  # stripped runs, unless the context is so much whitespace that they fall short
+    text, spans = render(tok, mask, joiner, strip)
+    best, last_sign, halve = None, 0, False
     for _ in range(rounds):
         delta = count_tokens(tokenizer, text) - budget
+        if best is None or abs(delta) < best[0]:
+            best = (abs(delta), text, spans, mask.copy())
         if abs(delta) <= 0.02 * budget:
             break
+        sign = 1 if delta > 0 else -1
+        halve = halve or (last_sign != 0 and sign != last_sign)
+        step = max(1, abs(delta) // 2) if halve else abs(delta)
+        last_sign = sign
         if delta > 0:   # drop the worst kept tokens
             kept = np.flatnonzero(mask)
-            mask[kept[np.argsort(rank[kept])[::-1][:delta]]] = False
+            mask[kept[np.argsort(rank[kept])[::-1][:step]]] = False
         else:           # add the best dropped tokens
             dropped = np.flatnonzero(~mask)
             if not len(dropped):
-                break
-            mask[dropped[np.argsort(rank[dropped])[:-delta]]] = True
-        text, spans = render(tok, mask, joiner)
+                if not strip:
+                    break
+                strip, best, last_sign, halve = False, None, 0, False
+            else:
+                mask[dropped[np.argsort(rank[dropped])[:step]]] = True
+        text, spans = render(tok, mask, joiner, strip)
+    else:
+        delta = count_tokens(tokenizer, text) - budget
+        if best is None or abs(delta) < best[0]:
+            best = (abs(delta), text, spans, mask.copy())
+    _, text, spans, mask = best
     return text, spans, mask
 
 
