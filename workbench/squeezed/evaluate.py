@@ -101,11 +101,12 @@ def answer(model, tokenizer, cache, task: QualityTask, fact, ctx, max_new_tokens
 
 
 def evaluate_task(model, tokenizer, task: QualityTask, budgets=BUDGETS, methods=METHODS,
-                  block_size: int | None = 16, window: int = 64, log=print) -> dict:
+                  block_size: int | None = 16, window: int = 64, log=print,
+                  centroid_ratio: float = 0.05) -> dict:
     """Every method at every budget on one task. Returns {"task", "build_s", "rows"}."""
     t0 = time.perf_counter()
     cap = capture_context(model, task.context_ids, window=window)
-    index = build_index(model, capture=cap, window=window)
+    index = build_index(model, capture=cap, window=window, centroid_ratio=centroid_ratio)
     build_s = time.perf_counter() - t0
     log(f"{task.name}: prefill + clustering {build_s:.0f} s")
     rows = []
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--continuation-len", type=int, default=256)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--centroid-ratio", type=float, default=0.05,
+                        help="fine centroids per clustered key (the paper: ~0.05)")
     parser.add_argument("--budgets", default="1,1/2,1/4,1/8,1/16")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the JSON")
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = make_tasks(tokenizer, args.tasks, args.context_len, args.continuation_len)
     started = time.perf_counter()
     results = [evaluate_task(model, tokenizer, t, budgets, methods, args.block_size,
-                             args.window) for t in tasks]
+                             args.window, centroid_ratio=args.centroid_ratio) for t in tasks]
     rows = [r for res in results for r in res["rows"]]
     summary = summarize(rows)
     print(format_summary(summary))
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": {k: v for k, v in describe(model).items() if k != "device"},
         "setup": {"tasks": [t.name for t in tasks], "context_len": args.context_len,
                   "continuation_len": args.continuation_len, "block_size": args.block_size,
-                  "window": args.window, "n_sink": 4, "centroid_ratio": 0.05,
+                  "window": args.window, "n_sink": 4, "centroid_ratio": args.centroid_ratio,
                   "coarse_ratio": 0.125, "facts_per_task": len(tasks[0].facts),
                   "text": "pydoc_data.topics (Python language reference), facts spliced in"},
         "summary": summary,
