@@ -177,3 +177,18 @@ def assert_matches_reference(kernel_fn, reference_fn, inputs, *, context: str = 
         lines = "\n  ".join(str(r) for r in reports)
         raise AssertionError(f"kernel does not match its reference {context}\n  {lines}")
     return reports
+
+
+TEST_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def needs_triton(kernel):
+    """A pytest skip mark for tests that run `kernel` through Triton: skipped when triton is
+    missing, or on CPU when the kernel was not defined under TRITON_INTERPRET=1."""
+    import pytest
+
+    from kernels.dispatch import HAS_TRITON, is_interpreted
+
+    return pytest.mark.skipif(
+        not HAS_TRITON or (TEST_DEVICE == "cpu" and not is_interpreted(kernel)),
+        reason="needs triton, and on CPU TRITON_INTERPRET=1 set before triton was imported")

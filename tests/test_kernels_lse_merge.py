@@ -1,7 +1,7 @@
 """merge_attention_partials: reference vs first principles, kernel vs reference, dispatch rules.
 
 On a CPU the Triton kernel runs in Triton's interpreter, which must be chosen before triton is
-imported: this module sets TRITON_INTERPRET=1 itself when no GPU is present (`make test` sets it
+imported: tests/conftest.py sets TRITON_INTERPRET=1 when no GPU is present (`make test` sets it
 too). On a GPU machine the kernel tests run compiled, on CUDA tensors.
 """
 
@@ -13,31 +13,28 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from kernels.dispatch import HAS_TRITON, is_interpreted, pick_backend  # noqa: E402
-from kernels.lse_merge import (  # noqa: E402
+from kernels.dispatch import HAS_TRITON, is_interpreted, pick_backend
+from kernels.lse_merge import (
     _lse_merge_kernel,
     choose_blocks,
     lse_merge_triton,
     merge_attention_partials,
     merge_attention_partials_reference,
 )
-from kernels.testing import (  # noqa: E402
+from kernels.testing import (
+    TEST_DEVICE,
     assert_all_written,
     assert_matches_reference,
     fresh_seed,
     poisoned_empty,
 )
-from workbench.errors import WorkbenchError  # noqa: E402
+from kernels.testing import needs_triton as needs_triton_for
+from workbench.errors import WorkbenchError
 
 ROOT = Path(__file__).resolve().parents[1]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = TEST_DEVICE
 NEG_INF = float("-inf")
-needs_triton = pytest.mark.skipif(
-    not HAS_TRITON or (DEVICE == "cpu" and not is_interpreted(_lse_merge_kernel)),
-    reason="needs triton, and on CPU TRITON_INTERPRET=1 set before triton was imported")
+needs_triton = needs_triton_for(_lse_merge_kernel)
 
 
 def attention(q, k, v, mask=None):

@@ -1,32 +1,26 @@
 """KVQuant Triton kernels against their PyTorch references (Triton's interpreter on CPU), and the
 fused decode kernel on a real model's packed cache."""
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from kernels.dispatch import HAS_TRITON, is_interpreted  # noqa: E402
-from kernels.kvquant_decode import (  # noqa: E402
+from kernels.kvquant_decode import (
     _kvq_decode_kernel,
     dequantize_packed,
     kvquant_decode_attention,
     kvquant_decode_reference,
     kvquant_decode_triton,
 )
-from kernels.kvquant_pack import quantize_pack, quantize_pack_reference  # noqa: E402
-from kernels.testing import assert_matches_reference, fresh_seed  # noqa: E402
-from workbench.errors import WorkbenchError  # noqa: E402
-from workbench.kvquant.fused import pack_layer, random_layer  # noqa: E402
-from workbench.kvquant.levels import nf_levels  # noqa: E402
+from kernels.kvquant_pack import quantize_pack, quantize_pack_reference
+from kernels.testing import TEST_DEVICE, assert_matches_reference, fresh_seed
+from kernels.testing import needs_triton as needs_triton_for
+from workbench.errors import WorkbenchError
+from workbench.kvquant.fused import pack_layer, random_layer
+from workbench.kvquant.levels import nf_levels
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    not HAS_TRITON or (DEVICE == "cpu" and not is_interpreted(_kvq_decode_kernel)),
-    reason="needs triton, and on CPU TRITON_INTERPRET=1 set before triton was imported")
+DEVICE = TEST_DEVICE
+needs_triton = needs_triton_for(_kvq_decode_kernel)
 
 
 @needs_triton

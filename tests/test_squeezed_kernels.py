@@ -4,35 +4,29 @@ mask-to-index compaction, and the gathered sparse attention with split-KV (decod
 causal user part), with odd sizes and budgets that are not multiples of the block."""
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from kernels.dispatch import HAS_TRITON, is_interpreted  # noqa: E402
-from kernels.squeezed_attention import (  # noqa: E402
+from kernels.squeezed_attention import (
     _sparse_attention_kernel,
     sparse_attention,
     sparse_attention_reference,
     squeezed_context_attention,
 )
-from kernels.squeezed_lookup import (  # noqa: E402
+from kernels.squeezed_lookup import (
     centroid_scores,
     centroid_scores_reference,
     compact_mask,
     compact_mask_reference,
 )
-from kernels.testing import assert_matches_reference, fresh_seed  # noqa: E402
-from workbench.squeezed.attention import masked_context_attention  # noqa: E402
-from workbench.squeezed.lookup import centroid_estimates  # noqa: E402
+from kernels.testing import TEST_DEVICE, assert_matches_reference, fresh_seed
+from kernels.testing import needs_triton as needs_triton_for
+from workbench.squeezed.attention import masked_context_attention
+from workbench.squeezed.lookup import centroid_estimates
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    not HAS_TRITON or (DEVICE == "cpu" and not is_interpreted(_sparse_attention_kernel)),
-    reason="needs triton, and on CPU TRITON_INTERPRET=1 set before triton was imported")
+DEVICE = TEST_DEVICE
+needs_triton = needs_triton_for(_sparse_attention_kernel)
 
 
 def _gen():
