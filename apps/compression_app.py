@@ -21,6 +21,7 @@ import gradio as gr
 from workbench.compression import DESCRIPTIONS, METHODS, compress
 from workbench.compression.base import count_tokens
 from workbench.errors import WorkbenchError
+from workbench.widgets.compression import highlight as highlight_html
 
 MAX_DOC_TOKENS = 6000   # the model has 8,192 positions: room for the question, answer, summary
 MIN_RATIO, MAX_RATIO = 1.0, 20.0
@@ -71,14 +72,8 @@ def check_inputs(document: str, question: str, methods: list[str], ratio) -> int
 
 
 def highlight(document: str, spans: list[tuple[int, int]]) -> str:
-    """The document as HTML with kept spans in <mark> and dropped text greyed."""
-    out, at = [], 0
-    for a, b in spans:
-        out.append(f'<span class="drop">{html.escape(document[at:a])}</span>')
-        out.append(f"<mark>{html.escape(document[a:b])}</mark>")
-        at = b
-    out.append(f'<span class="drop">{html.escape(document[at:])}</span>')
-    return "".join(out)
+    """The document as HTML with kept spans in <mark> and dropped text greyed (CSS below)."""
+    return highlight_html(document, spans, drop_attr='class="drop"', mark_attr="")
 
 
 def _answer(chat, context: str, question: str) -> str:

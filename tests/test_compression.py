@@ -210,3 +210,12 @@ def test_metrics():
 def test_registry_lists_every_family():
     fams = {get_compressor(m).family for m in METHODS}
     assert fams == {"none", "baseline", "extractive", "abstractive", "token"}
+
+
+def test_highlight_marks_kept_spans_and_escapes():
+    from workbench.widgets.compression import highlight
+
+    html_text = highlight("a <b> c", [(2, 5)], drop_attr='class="drop"', mark_attr="")
+    assert html_text == ('<span class="drop">a </span><mark>&lt;b&gt;</mark>'
+                         '<span class="drop"> c</span>')
+    assert highlight("xy", [], mark_attr="").count("<mark") == 0

@@ -70,14 +70,18 @@ def tradeoff_view(table: list[dict]):
     return controls_and_figure(controls, lambda metric, task: tradeoff_figure(table, metric, task))
 
 
-def highlight(document: str, spans: list[tuple[int, int]]) -> str:
-    """HTML of the document with kept spans marked and dropped text greyed."""
+def highlight(document: str, spans: list[tuple[int, int]],
+              drop_attr: str = 'style="color:#aaa"',
+              mark_attr: str = 'style="background:#ffe58a"') -> str:
+    """HTML of the document with kept `spans` (character ranges) in <mark> and dropped text
+    greyed. The attributes style both; the app passes CSS classes instead of inline styles."""
+    mark_open = f"<mark {mark_attr}>" if mark_attr else "<mark>"
     out, at = [], 0
     for a, b in spans:
-        out.append(f'<span style="color:#aaa">{html.escape(document[at:a])}</span>')
-        out.append(f'<mark style="background:#ffe58a">{html.escape(document[a:b])}</mark>')
+        out.append(f"<span {drop_attr}>{html.escape(document[at:a])}</span>")
+        out.append(f"{mark_open}{html.escape(document[a:b])}</mark>")
         at = b
-    out.append(f'<span style="color:#aaa">{html.escape(document[at:])}</span>')
+    out.append(f"<span {drop_attr}>{html.escape(document[at:])}</span>")
     return "".join(out)
 
 
