@@ -21,6 +21,7 @@ call issued back to back (Python + launch), the floor of an eager loop without g
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +32,7 @@ from benchmarks.harness import (
     H200_COPY_GBPS,
     copy_bandwidth_gbps,
     device_name,
+    graph_ms,
     input_set_count,
     print_table,
     result_row,
@@ -148,26 +150,6 @@ def host_us(fn, args, device: str, calls: int = 200) -> float | None:
     return elapsed / calls * 1e6
 
 
-def graph_ms(fn, args, device: str) -> float | None:
-    """Median replay time of a CUDA graph of fn(*args) (no launch overhead); None on failure."""
-    if torch.device(device).type != "cuda":
-        return None
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn(*args)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn(*args)
-        return time_ms(graph.replay, device=device)
-    except Exception as error:  # record, don't stop the run
-        print(f"  graph capture failed: {type(error).__name__}: {error}", flush=True)
-        return None
-
-
 def compile_baseline():
     """torch.compile of the reference (static shapes), or (None, why it failed)."""
     try:
@@ -198,7 +180,7 @@ def bench_case(case: Case, impls: dict, dtype: torch.dtype, device: str, peak: f
                 torch.cuda.synchronize()
             first = time.perf_counter() - t0
             times[impl] = time_ms(fn, sets, device=device)
-            graphs[impl] = graph_ms(fn, sets[0], device)
+            graphs[impl] = graph_ms(functools.partial(fn, *sets[0]), device)
             hosts[impl] = host_us(fn, sets[0], device)
             if first > 1.0:
                 notes[impl] = f"first call {first:.1f} s"

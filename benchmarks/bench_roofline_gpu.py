@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks.harness import device_name, time_ms, write_results
+from benchmarks.harness import capture_graph, device_name, time_ms, write_results
 from workbench.roofline.layer import LlamaBlock
 from workbench.roofline.microbench import measure_this_machine
 from workbench.roofline.shapes import known_config
@@ -82,7 +82,7 @@ def ceilings(device: str) -> dict:
     tiny = torch.randn(4096, device=device, dtype=torch.bfloat16)
     out["eager_tiny_kernel_s"] = time_ms(lambda: tiny.mul_(1.0), device=device) * 1e-3
     if device == "cuda":
-        replay = graph_of(lambda: [tiny.mul_(1.0) for _ in range(100)])
+        replay = capture_graph(lambda: [tiny.mul_(1.0) for _ in range(100)])
         out["graph_tiny_kernel_s"] = time_ms(replay, device=device) * 1e-3 / 100
     return out
 
@@ -110,18 +110,6 @@ def rel_error(block: LlamaBlock, case: Case, device: str) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
-def graph_of(fn):
-    """Capture fn() in a CUDA graph (after warm-up on a side stream); returns graph.replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def kernel_profile(fn, device: str, steps: int = 5) -> list[dict]:
@@ -213,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                "eager_ms": time_ms(step, device=device)}
         if on_gpu:
             try:
-                row["graph_ms"] = time_ms(graph_of(step), device=device)
+                row["graph_ms"] = time_ms(capture_graph(step), device=device)
             except RuntimeError as err:
                 row["graph_error"] = str(err).splitlines()[0]
             key = (case.model, case.phase, case.batch, case.context)
@@ -226,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                         with torch.no_grad():
                             return compiled(x, k, v, start)
 
-                    row["compiled_graph_ms"] = time_ms(graph_of(cstep), device=device)
+                    row["compiled_graph_ms"] = time_ms(capture_graph(cstep), device=device)
                     if key in PROFILE_CASES:
                         row["compiled_profile"] = kernel_profile(cstep, device)[:25]
                 except Exception as err:  # compile is optional: keep the run's other numbers

@@ -53,6 +53,7 @@ from benchmarks.harness import (
     H200_COPY_GBPS,
     copy_bandwidth_gbps,
     device_name,
+    graph_ms,
     print_table,
     result_row,
     time_ms,
@@ -271,26 +272,6 @@ def check_fast_path(device: str, dtype) -> str:
 # ----------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------
-
-
-def graph_ms(fn, device: str) -> float | None:
-    """Median replay time of a CUDA graph of fn() (no launch overhead); None on failure."""
-    if torch.device(device).type != "cuda":
-        return None
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return time_ms(graph.replay, device=device)
-    except Exception as error:
-        print(f"  graph capture failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
-        return None
 
 
 def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: str,

@@ -117,6 +117,33 @@ def time_ms(
     return statistics.median(times)
 
 
+def capture_graph(fn: Callable, warmup: int = 3) -> Callable:
+    """Capture `fn()` in a CUDA graph after `warmup` calls on a side stream; returns its replay
+    (one launch for the whole call: timing it leaves out the host's launch overhead)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def graph_ms(fn: Callable, device: str) -> float | None:
+    """Median replay time (ms) of a CUDA graph of `fn()`; None off CUDA or when capture fails
+    (the failure is printed, so one uncapturable op does not stop a benchmark run)."""
+    if torch.device(device).type != "cuda":
+        return None
+    try:
+        return time_ms(capture_graph(fn), device=device)
+    except Exception as error:  # record, don't stop the run
+        print(f"  graph capture failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+        return None
+
+
 def copy_bandwidth_gbps(device: str, n_bytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth, counting bytes read plus bytes written."""
     src = torch.randn(n_bytes // 2, device=device, dtype=torch.bfloat16)
