@@ -159,14 +159,16 @@ def render(tok: Tokenized, mask: np.ndarray, joiner: str,
 
 
 def fit_mask(tokenizer, tok: Tokenized, scores: np.ndarray, budget: int, joiner: str = " ",
-             mask: np.ndarray | None = None, rounds: int = 16):
+             mask: np.ndarray | None = None, rounds: int = 16, probes: int = 8):
     """Keep the `budget` best-scored tokens (or start from `mask`), then add or drop tokens by
     score until the rendered text re-tokenizes to the budget (within 2%, at least exactly one
-    token's worth when the budget is small). Returns (text, spans, mask) of the closest attempt.
+    token's worth when the budget is small). Returns (text, spans, mask) of the attempt whose
+    ratio is closest to the requested one.
 
     Re-tokenizing joined pieces can merge or split tokens, and stripped whitespace disappears;
-    each round corrects by the difference, by half of it once a correction overshoots (so the
-    search cannot oscillate around the budget), and the closest rendering seen is kept.
+    each round corrects by the difference, by half of it once a correction overshoots. When a
+    one-token step still overshoots (one whitespace token can re-tokenize as several), the next
+    `probes` candidates are tried one at a time and the closest rendering is kept.
     """
     n = len(tok)
     order = np.argsort(-scores, kind="stable")  # best first
@@ -176,12 +178,19 @@ def fit_mask(tokenizer, tok: Tokenized, scores: np.ndarray, budget: int, joiner:
         mask = rank < budget
     mask = mask.copy()
     strip = True  # stripped runs, unless the context is so much whitespace that they fall short
-    text, spans = render(tok, mask, joiner, strip)
-    best, last_sign, halve = None, 0, False
+    best: list = []  # [ratio error, text, spans, mask] of the closest attempt
+
+    def attempt(candidate: np.ndarray) -> int:
+        text, spans = render(tok, candidate, joiner, strip)
+        count = count_tokens(tokenizer, text)
+        error = abs(budget / max(count, 1) - 1)  # ~ |achieved ratio / requested - 1|
+        if not best or error < best[0]:
+            best[:] = [error, text, spans, candidate.copy()]
+        return count
+
+    last_sign, halve = 0, False
     for _ in range(rounds):
-        delta = count_tokens(tokenizer, text) - budget
-        if best is None or abs(delta) < best[0]:
-            best = (abs(delta), text, spans, mask.copy())
+        delta = attempt(mask) - budget
         if abs(delta) <= 0.02 * budget:
             break
         sign = 1 if delta > 0 else -1
@@ -190,20 +199,25 @@ def fit_mask(tokenizer, tok: Tokenized, scores: np.ndarray, budget: int, joiner:
         last_sign = sign
         if delta > 0:   # drop the worst kept tokens
             kept = np.flatnonzero(mask)
-            mask[kept[np.argsort(rank[kept])[::-1][:step]]] = False
+            pool = kept[np.argsort(rank[kept])[::-1]]
         else:           # add the best dropped tokens
             dropped = np.flatnonzero(~mask)
             if not len(dropped):
                 if not strip:
                     break
-                strip, best, last_sign, halve = False, None, 0, False
-            else:
-                mask[dropped[np.argsort(rank[dropped])[:step]]] = True
-        text, spans = render(tok, mask, joiner, strip)
-    else:
-        delta = count_tokens(tokenizer, text) - budget
-        if best is None or abs(delta) < best[0]:
-            best = (abs(delta), text, spans, mask.copy())
+                strip, last_sign, halve = False, 0, False
+                best.clear()
+                continue
+            pool = dropped[np.argsort(rank[dropped])]
+        if halve and step == 1:  # oscillating one token apart: probe single changes, then stop
+            for index in pool[:probes]:
+                trial = mask.copy()
+                trial[index] = not trial[index]
+                attempt(trial)
+            break
+        mask[pool[:step]] = not mask[pool[0]]
+    if not best:  # the last round switched to unstripped runs
+        attempt(mask)
     _, text, spans, mask = best
     return text, spans, mask
 
