@@ -53,6 +53,7 @@ from benchmarks.harness import (
     H200_COPY_GBPS,
     copy_bandwidth_gbps,
     device_name,
+    device_slug,
     graph_ms,
     print_table,
     result_row,
@@ -443,9 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\ntargets:", *[f"{k}: {v}" for k, v in meta["targets"].items()], sep="\n  ")
     out_dir = args.out or ("benchmarks/results" if on_gpu else None)
     if out_dir:
-        slug = "cpu" if not on_gpu else "".join(
-            c if c.isalnum() else "_" for c in device_name(device).lower()).strip("_")
-        path = write_results(f"squeezed_{slug}", rows, device=device, meta=meta,
+        path = write_results(f"squeezed_{device_slug(device)}", rows, device=device, meta=meta,
                              out_dir=out_dir)
         print(f"\nwrote {path}")
     print(f"total {time.perf_counter() - started:.0f} s", flush=True)

@@ -197,6 +197,13 @@ def write_results(name: str, rows: list[dict], *, device: str, meta: dict | None
     return path
 
 
+def device_slug(device: str) -> str:
+    """File-name form of the device: "cpu", or e.g. "nvidia_h200" for a GPU."""
+    if torch.device(device).type != "cuda":
+        return "cpu"
+    return "".join(c if c.isalnum() else "_" for c in device_name(device).lower()).strip("_")
+
+
 def _fmt(value, digits: int = 4) -> str:
     if value is None:
         return "-"
