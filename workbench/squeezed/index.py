@@ -285,18 +285,18 @@ def _cluster_layer(keys: torch.Tensor, n_fine: int, n_coarse: int, iterations: i
         fit = (unit * torch.gather(fine.directions, 1, labels[..., None].expand(-1, -1, d))
                ).sum(-1)                                                    # (kv, n) cosine
         out = fit.topk(n_outliers, dim=1, largest=False).indices            # (kv, n_out)
-        rows = torch.arange(kv)[:, None]
+        rows = torch.arange(kv, device=keys.device)[:, None]
         sizes = sizes.clone()
         sizes.scatter_add_(1, labels[rows, out], -torch.ones_like(out))
-        member = torch.ones(kv, n, dtype=torch.bool)
+        member = torch.ones(kv, n, dtype=torch.bool, device=keys.device)
         member[rows, out] = False
-        sums = torch.zeros(kv, n_fine, d).scatter_add_(
+        sums = torch.zeros(kv, n_fine, d, device=keys.device).scatter_add_(
             1, labels[..., None].expand(-1, -1, d), keys.float() * member[..., None])
         centroids = torch.where(sizes[..., None] > 0, sums / sizes.clamp_min(1)[..., None], 0.0)
         centroids = torch.cat([centroids, keys[rows, out].float()], 1)     # (kv, kf + n_out, d)
         sizes = torch.cat([sizes, torch.ones_like(out)], 1)
         labels = labels.clone()
-        labels[rows, out] = n_fine + torch.arange(n_outliers)[None, :].expand(kv, -1)
+        labels[rows, out] = n_fine + torch.arange(n_outliers, device=keys.device)[None, :].expand(kv, -1)
     n_all = centroids.shape[1]
     coarse = kmeans_cosine(centroids, min(n_coarse, n_all), iterations=iterations,
                            generator=gen, weights=sizes.float())

@@ -141,6 +141,7 @@ def weighted_threshold(values: torch.Tensor, weights: torch.Tensor, keep_fractio
     order = torch.argsort(v, descending=True)
     cum = torch.cumsum(w[order], 0)
     target = keep_fraction * float(cum[-1])
-    pos = int(torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype)).item())
+    goal = torch.tensor([target], dtype=cum.dtype, device=cum.device)
+    pos = int(torch.searchsorted(cum, goal).item())
     pos = min(pos, v.numel() - 1)
     return float(v[order[pos]])
