@@ -274,3 +274,19 @@ def test_malformed_response_is_clear():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_prefix_cache_reuses_the_last_call_and_keeps_the_text(local):
+    """A second turn that extends the first prefills only the new tokens, with the same text."""
+    cached = LocalChat(local.model, local.tokenizer, prefix_cache=True)
+    turn = [{"role": "user", "content": PROMPT}]
+    first = cached.chat(turn, max_tokens=MAX)
+    assert first.cached_tokens == 0
+    nxt = turn + [{"role": "assistant", "content": first.text},
+                  {"role": "user", "content": "And 3+3?"}]
+    second = cached.chat(nxt, max_tokens=MAX)
+    plain = local.chat(nxt, max_tokens=MAX)
+    assert second.text == plain.text and plain.cached_tokens == 0
+    assert first.prompt_tokens < second.cached_tokens < second.prompt_tokens
+    cached.clear_cache()
+    assert cached.chat(nxt, max_tokens=2).cached_tokens == 0

@@ -12,6 +12,9 @@
 
 `LocalChat` decodes token by token with the KV cache (no thread), greedy at temperature 0,
 sampling otherwise; a `logits_processor` list (grammar-constrained decoding) hooks into each step.
+`LocalChat(prefix_cache=True)` keeps the KV cache of the last call and reuses its longest common
+token prefix with the next prompt (as llama.cpp's slot cache and vLLM's prefix caching do): a
+multi-turn agent then pays prefill only for the new turn (`ChatResult.cached_tokens`).
 `OpenAIChat` speaks POST /v1/chat/completions (JSON or SSE streaming) with the standard library.
 """
 
@@ -22,6 +25,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -51,6 +55,7 @@ class ChatResult:
     finish_reason: str      # "stop" (end of turn or a stop string) | "length" (max_tokens reached)
     model: str
     backend: str            # "local" | "openai"
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not prefilled)
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -202,11 +207,15 @@ class LocalChat(ChatBackend):
     Decoding is a plain loop over the KV cache: one forward pass per token, no background thread.
     Not locked: calls from several threads run concurrently on the same weights; serialize them
     yourself if hooks or context managers change the model (workbench.serve does).
+    prefix_cache: keep the last call's KV cache (one slot) and start the next call from the longest
+    common token prefix; a concurrent call simply finds the slot empty. Reused prefill gives the
+    same logits up to float rounding (greedy text can differ in rare near-ties).
     """
 
     backend = "local"
 
-    def __init__(self, model=None, tokenizer=None, name: str | None = None):
+    def __init__(self, model=None, tokenizer=None, name: str | None = None,
+                 prefix_cache: bool = False):
         from workbench.models import EMBEDDED_NAME, load_model
 
         if model is None or isinstance(model, str):
@@ -231,6 +240,40 @@ class LocalChat(ChatBackend):
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.prefix_cache = prefix_cache
+        self._slot: tuple[list[int], object] | None = None    # (token ids, their KV cache)
+        self._slot_lock = threading.Lock()
+
+    def clear_cache(self) -> None:
+        """Forget the kept prefix (e.g. between two agents that must not share it)."""
+        with self._slot_lock:
+            self._slot = None
+
+    def _take_prefix(self, ids: list[int]):
+        """(k, cache holding ids[:k]) from the slot, or (0, None). Always leaves >= 1 id to run."""
+        with self._slot_lock:
+            slot, self._slot = self._slot, None
+        if not self.prefix_cache or slot is None:
+            return 0, None
+        old, cache = slot
+        k = 0
+        for a, b in zip(old, ids[:-1], strict=False):
+            if a != b:
+                break
+            k += 1
+        layers = getattr(cache, "layers", None)
+        if k == 0 or not layers or any(type(la).__name__ != "DynamicLayer" for la in layers):
+            return 0, None            # only plain full-attention layers can be cut back safely
+        for la in layers:
+            if getattr(la, "keys", None) is not None and la.keys.numel():
+                la.keys = la.keys[..., :k, :]        # (batch, kv_heads, k, head_dim)
+                la.values = la.values[..., :k, :]
+        return k, cache
+
+    def _keep_prefix(self, ids: list[int], cache) -> None:
+        if self.prefix_cache and cache is not None:
+            with self._slot_lock:
+                self._slot = (ids, cache)
 
     def encode(self, messages: Messages) -> torch.Tensor:
         """Prompt token ids for messages (chat template applied).  # (1, prompt_len) int64"""
@@ -269,41 +312,50 @@ class LocalChat(ChatBackend):
         if temperature > 0:
             gen = torch.Generator(device=ids.device)
             gen.manual_seed(seed if seed is not None else torch.seed())
+        all_ids = ids[0].tolist()
+        cached, past = self._take_prefix(all_ids)
+        step_in = ids[:, cached:]
         new: list[int] = []
-        text, shown, finish, past, step_in = "", 0, "length", None, ids
-        while len(new) < max_tokens:
-            with torch.no_grad():  # per step: grad mode must not leak to the caller across yields
-                out = self.model(input_ids=step_in, use_cache=True,
-                                 **{self._cache_arg: past}, **self._extra)
-                past = getattr(out, self._cache_arg)
-                scores = out.logits[:, -1, :].float()  # (1, vocab)
-                for proc in processors:
-                    scores = proc(ids, scores)
-                if temperature > 0:
-                    probs = torch.softmax(scores / temperature, dim=-1)
-                    token = torch.multinomial(probs, 1, generator=gen)  # (1, 1)
-                else:
-                    token = scores.argmax(dim=-1, keepdim=True)  # (1, 1)
-            ids = torch.cat([ids, token], dim=1)  # (1, seq + 1)
-            step_in = token
-            new.append(int(token))
-            if new[-1] in self.eos_ids:
-                finish = "stop"
-                break
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
-            cut = find_stop(text, stops)
-            if cut is not None:
-                text, finish = text[:cut], "stop"
-                break
-            end = safe_length(text, stops)
-            if end > shown:
-                yield text[shown:end]
-                shown = end
+        text, shown, finish = "", 0, "length"
+        try:
+            while len(new) < max_tokens:
+                with torch.no_grad():  # per step: grad mode must not leak to the caller across yields
+                    out = self.model(input_ids=step_in, use_cache=True,
+                                     **{self._cache_arg: past}, **self._extra)
+                    past = getattr(out, self._cache_arg)
+                    scores = out.logits[:, -1, :].float()  # (1, vocab)
+                    for proc in processors:
+                        scores = proc(ids, scores)
+                    if temperature > 0:
+                        probs = torch.softmax(scores / temperature, dim=-1)
+                        token = int(torch.multinomial(probs, 1, generator=gen))
+                    else:
+                        # numpy: one thread; a torch reduction over the vocabulary opens an OpenMP
+                        # region that stalls when other processes hold the cores
+                        token = int(scores[0].cpu().numpy().argmax())
+                step_in = torch.tensor([[token]], device=ids.device)  # (1, 1)
+                ids = torch.cat([ids, step_in], dim=1)  # (1, seq + 1)
+                new.append(token)
+                if token in self.eos_ids:
+                    finish = "stop"
+                    break
+                text = self.tokenizer.decode(new, skip_special_tokens=True)
+                cut = find_stop(text, stops)
+                if cut is not None:
+                    text, finish = text[:cut], "stop"
+                    break
+                end = safe_length(text, stops)
+                if end > shown:
+                    yield text[shown:end]
+                    shown = end
+        finally:
+            # the cache holds every id fed so far: the prompt and all new tokens but the last
+            self._keep_prefix(all_ids + new[:-1], past)
         if len(text) > shown:  # the held-back tail (or a trailing U+FFFD at max_tokens)
             yield text[shown:]
         return ChatResult(text=text, prompt_tokens=prompt_len, completion_tokens=len(new),
                           seconds=time.perf_counter() - t0, finish_reason=finish,
-                          model=self.model_name, backend=self.backend)
+                          model=self.model_name, backend=self.backend, cached_tokens=cached)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,12 @@ Latency: BFCL parallel / parallel_multiple requests with 3+ reference calls beco
 tool sleeps a stated latency. LLMCompiler: the planner (the real model, teacher-forced to write
 the reference plan, streamed) + tasks started as lines complete + the joiner. ReAct: one real LLM
 step per call (forced to write that call) and the call, one after another, then join() and the
-same joiner. Both include every LLM call's real time on this machine.
+same joiner. Both include every LLM call's real time on this machine, and both run on a
+LocalChat with the prefix KV cache on (each ReAct step prefills only the new observation turn);
+the cache is cleared before each agent, and the agents alternate which goes first.
+
+Endpoint rows (planning): only when WORKBENCH_OPENAI_BASE_URL is set; otherwise the result says
+"not configured" and nothing is tried.
 """
 
 from __future__ import annotations
@@ -141,46 +146,79 @@ def _spread(items: list, n: int) -> list:
 # 1. planning accuracy
 
 
-def planning(n: int = 10, backend=None, max_tokens: int = 200, log=print) -> dict:
+def endpoint_backend():
+    """OpenAIChat when WORKBENCH_OPENAI_BASE_URL is set, else None (rows are skipped)."""
+    from workbench.llm import ENV_BASE_URL, OpenAIChat
+
+    return OpenAIChat() if os.environ.get(ENV_BASE_URL[0]) else None
+
+
+def near_duplicates(plan) -> int:
+    """Calls in a plan's text that repeat an earlier call exactly or nearly (dedup)."""
+    return sum(i.kind in ("duplicate_task", "near_duplicate") for i in plan.issues)
+
+
+def planning(n: int = 10, backend=None, max_tokens: int = 200, log=print,
+             endpoint="auto") -> dict:
+    """n requests per category; the embedded model (or `backend`) with and without constraints,
+    plus an endpoint backend (unconstrained) when one is configured (endpoint="auto")."""
     from workbench.compiler.planner import Planner
     from workbench.data import load_bfcl
-    from workbench.llm import get_backend
+    from workbench.llm import LocalChat, get_backend
 
-    chat = get_backend(backend)
-    modes = [False, True] if hasattr(chat, "tokenizer") else [False]
+    chat = get_backend(backend or "local")
+    if isinstance(chat, LocalChat):
+        chat.prefix_cache = True        # the two modes share the whole prompt
+    backends = [("local", chat, [False, True] if hasattr(chat, "tokenizer") else [False])]
+    remote = endpoint_backend() if endpoint == "auto" else endpoint
+    if remote is not None:
+        backends.append(("endpoint", remote, [False]))
     rows = []
     for cat in CATEGORIES:
         for entry in _spread(load_bfcl(cat), n):
             box = bfcl_toolbox(entry.functions)
-            planner = Planner(chat, box, constrained=False, max_tokens=max_tokens)
-            question = entry.messages[-1]["content"]
-            for constrained in modes:
-                plan, result = planner.plan(question, constrained=constrained)
-                calls = [(t.tool, t.kwargs) for t in plan.calls]
-                kinds = [i.kind for i in plan.issues]
-                row = {"id": entry.id, "category": cat, "constrained": constrained,
-                       "parsed": plan.ok, "valid": bool(plan.calls) and plan.joined and not any(
-                           k in kinds for k in ("unknown_tool", "arguments", "malformed")),
-                       "correct": plan.ok and calls_match(calls, entry.possible_answer),
-                       "n_calls": len(plan.calls), "n_reference": len(entry.possible_answer),
-                       "issues": kinds, "tokens": result.completion_tokens,
-                       "seconds": round(result.seconds, 2), "finish": result.finish_reason,
-                       "text": result.text[:600]}
-                rows.append(row)
-                log(f"{cat:18s} {entry.id:24s} constrained={constrained!s:5s} parsed={row['parsed']!s:5s} "
-                    f"correct={row['correct']!s:5s} {row['seconds']:.1f}s")
+            for which, bk, modes in backends:
+                planner = Planner(bk, box, constrained=False, max_tokens=max_tokens)
+                for constrained in modes:
+                    rows.append(_plan_row(planner, entry, cat, which, constrained, log))
     summary = []
-    for cat, c in itertools.product([*CATEGORIES, "all"], modes):
-        sel = [r for r in rows if r["constrained"] == c and cat in ("all", r["category"])]
-        summary.append({"category": cat, "constrained": c, "n": len(sel),
+    combos = [(w, c) for w, _, modes in backends for c in modes]
+    for cat, (which, c) in itertools.product([*CATEGORIES, "all"], combos):
+        sel = [r for r in rows if r["backend"] == which and r["constrained"] == c
+               and cat in ("all", r["category"])]
+        summary.append({"category": cat, "backend": which, "constrained": c, "n": len(sel),
                         **{k: round(sum(r[k] for r in sel) / len(sel), 3)
                            for k in ("parsed", "valid", "correct")},
-                        "repeated_lines": sum(r["issues"].count("duplicate_task") for r in sel),
+                        "repeated_lines": sum(r["near_duplicates"] for r in sel),
                         "hit_token_limit": sum(r["finish"] == "length" for r in sel),
-                        "tokens_per_s": round(sum(r["tokens"] for r in sel)
-                                              / sum(r["seconds"] for r in sel), 2)})
+                        "tokens_per_s": round(sum(r["tokens"] or 0 for r in sel)
+                                              / max(1e-9, sum(r["seconds"] for r in sel)), 2)})
     return {"benchmark": "planning", "model": chat.model_name, "n_per_category": n,
-            "max_tokens": max_tokens, "summary": summary, "rows": rows}
+            "max_tokens": max_tokens,
+            "endpoint": remote.model_name if remote is not None else "not configured",
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "summary": summary, "rows": rows}
+
+
+def _plan_row(planner, entry, cat, which, constrained, log) -> dict:
+    """Plan one BFCL request once and score it (parsed / valid / correct)."""
+    question = entry.messages[-1]["content"]
+    plan, result = planner.plan(question, constrained=constrained)
+    calls = [(t.tool, t.kwargs) for t in plan.calls]
+    kinds = [i.kind for i in plan.issues]
+    row = {"id": entry.id, "category": cat, "backend": which,
+           "constrained": constrained,
+           "parsed": plan.ok, "valid": bool(plan.calls) and plan.joined and not any(
+               k in kinds for k in ("unknown_tool", "arguments", "malformed")),
+           "correct": plan.ok and calls_match(calls, entry.possible_answer),
+           "n_calls": len(plan.calls), "n_reference": len(entry.possible_answer),
+           "issues": kinds, "near_duplicates": near_duplicates(plan),
+           "tokens": result.completion_tokens,
+           "seconds": round(result.seconds, 2), "finish": result.finish_reason,
+           "text": result.text[:600]}
+    log(f"{cat:18s} {entry.id:24s} {which:8s} constrained={constrained!s:5s} "
+        f"parsed={row['parsed']!s:5s} correct={row['correct']!s:5s} {row['seconds']:.1f}s")
+    return row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,28 +278,37 @@ def random_weights_backend(folder: Path, device: str = "cuda"):
 
 
 def latency(n: int = 8, tool_latency: float = 2.0, backend=None, log=print,
-            entries: list | None = None) -> dict:
-    from workbench.compiler.llm_compiler import LLMCompiler
-    from workbench.compiler.react import ReAct
+            entries: list | None = None, prefix_cache: bool = True) -> dict:
+    """Both agents on n BFCL requests with 3+ calls (see the module doc); seconds are wall time."""
     from workbench.llm import get_backend
 
     chat = get_backend(backend)
+    cache = getattr(chat, "prefix_cache", None)
+    if cache is not None:
+        chat.prefix_cache = prefix_cache
     rows = []
-    for entry in entries if entries is not None else latency_entries(n):
+    load0 = os.getloadavg()
+    for k, entry in enumerate(entries if entries is not None else latency_entries(n)):
         box = bfcl_toolbox(entry.functions, tool_latency)
         plan_text = reference_plan(entry.possible_answer)
         question = entry.messages[-1]["content"]
-        compiler = LLMCompiler(chat, box, constrained=False, max_replans=0).run(
-            question, forced_plan=plan_text)
-        lines = plan_text.splitlines()[:-1]
-        react = ReAct(chat, box, constrained=False, max_steps=len(lines)).run(
-            question, forced=lines)
-        row = {"id": entry.id, "n_calls": len(entry.possible_answer), "plan": plan_text}
+        order = ("llmcompiler", "react") if k % 2 == 0 else ("react", "llmcompiler")
+        runs = {}
+        for name in order:
+            if cache is not None:
+                chat.clear_cache()       # no agent reuses the other's prefix
+            runs[name] = _run_agent(name, chat, box, question, plan_text)
+        compiler, react = runs["llmcompiler"], runs["react"]
+        row = {"id": entry.id, "n_calls": len(entry.possible_answer), "plan": plan_text,
+               "first": "llmcompiler" if k % 2 == 0 else "react"}
         for name, run in (("llmcompiler", compiler), ("react", react)):
             tl = run.timeline
             row[name] = {"seconds": round(run.seconds, 2), "llm_calls": len(run.llm_calls),
                          "llm_seconds": round(tl.busy("llm"), 2),
                          "tool_seconds": round(tl.busy("tool"), 2),
+                         "prompt_tokens": sum(r.prompt_tokens or 0 for r in run.llm_calls),
+                         "cached_tokens": sum(getattr(r, "cached_tokens", 0)
+                                              for r in run.llm_calls),
                          "tools_ok": sum(r.ok for r in run.records.values()
                                          if not r.task.is_join),
                          "spans": tl.table()}
@@ -271,13 +318,32 @@ def latency(n: int = 8, tool_latency: float = 2.0, backend=None, log=print,
             f"react={react.seconds:.1f}s speedup={row['speedup']:.2f}x")
     speed = [r["speedup"] for r in rows]
     check = [replay(r, tool_latency) for r in rows]
+    med = {name: round(statistics.median(r[name]["seconds"] for r in rows), 2)
+           for name in ("llmcompiler", "react")}
     return {"benchmark": "latency", "model": chat.model_name, "tool_latency_s": tool_latency,
+            "prefix_cache": bool(cache is not None and prefix_cache),
+            "load_average": {"start": [round(x, 2) for x in load0],
+                             "end": [round(x, 2) for x in os.getloadavg()]},
+            "cpu_count": os.cpu_count(), "seconds_median": med,
             "n": len(rows), "speedup_median": round(statistics.median(speed), 2),
+            "target_2_5x_met": statistics.median(speed) >= 2.5,
             "speedup_min": min(speed), "speedup_max": max(speed),
             "speedup_geomean": round(statistics.geometric_mean(speed), 2),
             "replay_check": {"measured": speed, "replayed": [round(c["speedup"], 2)
                                                              for c in check]},
             "sweep": sweep(rows), "rows": rows}
+
+
+def _run_agent(name: str, chat, box, question: str, plan_text: str):
+    """One agent on one request, forced to write the reference plan (its lines for ReAct)."""
+    from workbench.compiler.llm_compiler import LLMCompiler
+    from workbench.compiler.react import ReAct
+
+    if name == "llmcompiler":
+        return LLMCompiler(chat, box, constrained=False, max_replans=0).run(
+            question, forced_plan=plan_text)
+    lines = plan_text.splitlines()[:-1]
+    return ReAct(chat, box, constrained=False, max_steps=len(lines)).run(question, forced=lines)
 
 
 def replay(row: dict, tool_latency: float, llm_scale: float = 1.0) -> dict:
@@ -459,6 +525,8 @@ def main(argv=None) -> None:
                     help="folder with config + tokenizer: random-weight model on the GPU")
     ap.add_argument("--name", default="latency", help="result file: compiler_<name>.json")
     ap.add_argument("--max-tokens", type=int, default=200, help="planner token limit")
+    ap.add_argument("--no-prefix-cache", action="store_true",
+                    help="latency: every LLM call prefills its whole prompt (both agents)")
     a = ap.parse_args(argv)
     if a.which == "export":
         export_entries(a.n or 8, a.out_dir / "latency_entries.json")
@@ -470,7 +538,8 @@ def main(argv=None) -> None:
     if a.which in ("latency", "all"):
         backend = random_weights_backend(a.random_weights) if a.random_weights else a.backend
         entries = load_entries(a.entries) if a.entries else None
-        res = latency(a.n or 8, a.tool_latency, backend, entries=entries)
+        res = latency(a.n or 8, a.tool_latency, backend, entries=entries,
+                      prefix_cache=not a.no_prefix_cache)
         print(write(a.name, res, a.out_dir))
     if a.which in ("planning", "all"):
         print(write("planning", planning(a.n or 10, a.backend, a.max_tokens), a.out_dir))

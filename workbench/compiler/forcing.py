@@ -8,6 +8,7 @@ so its time is the model's real prefill + decode time for that text, and the pla
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -24,6 +25,6 @@ class ForceText:
             self._prompt_len = input_ids.shape[1]
         i = input_ids.shape[1] - self._prompt_len
         target = self.ids[i] if i < len(self.ids) else self.eos
-        out = torch.full_like(scores, float("-inf"))
+        out = np.full(tuple(scores.shape), -np.inf, dtype=np.float32)  # numpy: one thread
         out[:, target] = 0.0
-        return out
+        return torch.from_numpy(out).to(scores.device)

@@ -11,9 +11,11 @@ At every step the processor masks the scores of all tokens that cannot continue 
     <END_OF_PLAN>                             (int, float, bool, "string", [list], {dict}, enum)
                                               or $N / ${N} references to earlier tasks only
 
-No line may repeat an earlier one (the ")" that would close a duplicate is masked), so the
-greedy loop "1. f(x) / 2. f(x) / 3. f(x) ..." that small models fall into cannot happen, and
-`max_tasks` bounds the plan. Strings are double-quoted, without backslashes or newlines, at most
+No line may repeat an earlier one, exactly or nearly (`dedup.near_duplicate`: the same call
+with spaces or punctuation changed, arguments reordered, defaults spelled out, or one string
+only extended): the ")" that would close such a line is masked, so the greedy loops "1. f(x) /
+2. f(x) / ..." and "unit="g," / unit="g, " / ..." that small models fall into cannot happen,
+and `max_tasks` bounds the plan. Strings are double-quoted, without backslashes or newlines, at most
 `max_string` characters, and without "<" (so that the end marker cannot appear inside one).
 
 How: a character-level pushdown machine (`step(state, ch)`, states are immutable tuples) walks
@@ -28,10 +30,13 @@ from __future__ import annotations
 import copy
 import string
 from dataclasses import dataclass
+from functools import lru_cache
 
+import numpy as np
 import torch
 
-from workbench.compiler.parser import END_MARKER
+from workbench.compiler.dedup import Call, call_of, first_near_duplicate, normalize
+from workbench.compiler.parser import _CALL, END_MARKER, PlanSyntaxError, parse_arguments
 from workbench.compiler.tools import Toolbox
 
 STR_SPECIAL = set('"\\$\n\r\t<')     # "<": the end marker must never appear inside a string
@@ -59,6 +64,7 @@ class _ToolSpec:
     name: str
     params: dict          # name -> spec
     required: frozenset
+    defaults: dict        # optional parameter -> its default value
 
 
 class PlanGrammar:
@@ -67,7 +73,8 @@ class PlanGrammar:
     def __init__(self, toolbox: Toolbox, max_tasks: int = 10, min_tasks: int = 1,
                  max_string: int = 80, max_items: int = 12, max_depth: int = 3):
         self.tools = {t.name: _ToolSpec(t.name, {p.name: _spec(p.type, p.items, p.enum)
-                                                 for p in t.params}, frozenset(t.required))
+                                                 for p in t.params}, frozenset(t.required),
+                                        {p.name: p.default for p in t.params if not p.required})
                       for t in toolbox}
         self.max_tasks, self.min_tasks = max_tasks, min_tasks
         self.max_string, self.max_items, self.max_depth = max_string, max_items, max_depth
@@ -112,6 +119,8 @@ class PlanGrammar:
         kind = top[0]
         if kind == "call" and top[3] == "after":
             return self._step(st, ",") is not None or self._step(st, ")") is not None
+        if kind == "str" and top[1] is None and not top[3]:
+            return not self.string_targets(st, dead_only=True)
         if kind == "str" and top[1] is not None and not top[3]:
             return any(self.advance(st, e[len(top[2]):] + '"') is not None
                        for e in top[1] if e.startswith(top[2]))
@@ -176,7 +185,7 @@ class PlanGrammar:
             if ch == ")" and spec.required <= used:
                 n, lines, cur, frames = st
                 line = (cur + ")").split(". ", 1)[-1]
-                if line in lines and not self.allow_repeat:
+                if not self.allow_repeat and (line in lines or self.repeats(line, lines)):
                     return None
                 return (n + 1, lines | {line}, "", (("plan",), ("lit", "\n", 0)))
             return None
@@ -191,6 +200,46 @@ class PlanGrammar:
                                          ("start", spec.params[p]))
                 return self._replace(st, ("call", name, used, phase, buf))
         return None
+
+    def repeats(self, line: str, lines: frozenset) -> bool:
+        """Is the call `line` a near-duplicate of one of `lines` (see dedup)?"""
+        new = _call_of_line(line)
+        if new is None:
+            return False
+        earlier = [(0, c) for c in map(_call_of_line, lines) if c is not None and c[0] == new[0]]
+        spec = self.tools.get(new[0])
+        return first_near_duplicate(new, earlier, spec.defaults if spec else None) is not None
+
+    def string_targets(self, st, dead_only: bool = False) -> list[str]:
+        """For a free string that is the line's last possible argument, the normalized values
+        of earlier lines whose other arguments are all equal: reaching one of them (or going
+        past it) makes the line a near-duplicate with no way out. dead_only: return [""] if the
+        string already reached one (the state is dead), else []."""
+        frames = st[3]
+        if self.allow_repeat or len(frames) < 2 or frames[-2][0] != "call":
+            return []
+        _, name, used, _, _ = frames[-2]
+        spec = self.tools[name]
+        if len(used) < len(spec.params):
+            return []                 # another argument may still make the call different
+        new = _call_of_line((st[2] + '")').split(". ", 1)[-1])
+        if new is None or not new[1]:
+            return []
+        last = list(new[1])[-1]
+        now = normalize(new[1][last])
+        out = []
+        for old in map(_call_of_line, st[1]):
+            if old is None or old[0] != name or set(old[1]) != set(new[1]) or \
+                    not isinstance(old[1][last], str):
+                continue
+            if any(normalize(v) != normalize(new[1][k]) for k, v in old[1].items() if k != last):
+                continue
+            target = normalize(old[1][last])
+            if now.startswith(target):
+                return [""]           # dead already
+            if not dead_only and target.startswith(now):
+                out.append(target[len(now):])
+        return [] if dead_only else out
 
     # -- values --------------------------------------------------------------------------------
 
@@ -320,6 +369,19 @@ class PlanGrammar:
         return proc
 
 
+@lru_cache(maxsize=4096)
+def _call_of_line(line: str) -> Call | None:
+    """`tool(a=1, b="x")` -> ("tool", {"a": 1, "b": "x"}); None if it does not parse."""
+    m = _CALL.match(line)
+    if not m:
+        return None
+    try:
+        args, kwargs = parse_arguments(m.group(2))
+    except PlanSyntaxError:
+        return None
+    return call_of(m.group(1), args, kwargs)
+
+
 class _Trie:
     __slots__ = ("children", "ids", "special")
 
@@ -336,7 +398,7 @@ class Vocabulary:
     root: _Trie
     size: int
     eos: list[int]
-    plain_upto: list[torch.Tensor]    # [L]: bool mask of plain tokens of length <= L
+    plain_upto: list[np.ndarray]      # [L]: bool mask of plain tokens of length <= L
 
 
 _VOCABS: dict[int, Vocabulary] = {}
@@ -367,7 +429,7 @@ def vocabulary(tokenizer) -> Vocabulary:
     longest = max(lengths.values())
     plain_upto = []
     for L in range(longest + 1):
-        mask = torch.zeros(size, dtype=torch.bool)
+        mask = np.zeros(size, dtype=bool)
         ids = [i for i, n in lengths.items() if n <= L]
         mask[ids] = True
         plain_upto.append(mask)
@@ -441,9 +503,12 @@ class PlanProcessor:
                     work.append((child, nxt))
         return out
 
-    def mask(self, state) -> torch.Tensor:
-        """Bool mask over the vocabulary of the tokens allowed next."""
-        m = torch.zeros(self.vocab.size, dtype=torch.bool)
+    def mask(self, state) -> np.ndarray:
+        """Bool mask over the vocabulary of the tokens allowed next.  # (vocab,)
+
+        numpy, not torch: a torch op over 49K entries opens an OpenMP region, which stalls for
+        milliseconds when other processes hold the cores; numpy runs it on this thread."""
+        m = np.zeros(self.vocab.size, dtype=bool)
         if self.grammar.finished(state):
             m[self.vocab.eos] = True
             return m
@@ -456,12 +521,26 @@ class PlanProcessor:
             plain = self.vocab.plain_upto[min(room, len(self.vocab.plain_upto) - 1)]
             if top[2] == "":
                 plain = plain & ~self._space_start()
+            rest = self.grammar.string_targets(state)
+            if rest:                  # plain tokens that would complete an earlier line's value
+                plain = plain & ~self._completing(rest)
             m |= plain
         return m
 
-    def _space_start(self) -> torch.Tensor:
+    def _completing(self, rests: list[str]) -> np.ndarray:
+        """Tokens whose normalized text reaches past the end of one of `rests`."""
+        if not hasattr(self.vocab, "norms"):
+            self.vocab.norms = [normalize(self._decode(i)) if i not in self.vocab.eos else ""
+                                for i in range(self.vocab.size)]
+        m = np.zeros(self.vocab.size, dtype=bool)
+        for i, t in enumerate(self.vocab.norms):
+            if t and any(t.startswith(r) for r in rests):
+                m[i] = True
+        return m
+
+    def _space_start(self) -> np.ndarray:
         if not hasattr(self, "_space_mask"):
-            m = torch.zeros(self.vocab.size, dtype=torch.bool)
+            m = np.zeros(self.vocab.size, dtype=bool)
             node = self.vocab.root.children.get(" ")
             stack = [node] if node else []
             while stack:
@@ -488,13 +567,15 @@ class PlanProcessor:
                 self.grammar.max_tasks = self.state[0]
                 self.stats["forced_join"] += 1
         m = self.mask(self.state)
-        if not bool(m.any()):
+        if not m.any():
             # every continuation would repeat an earlier line: let this line repeat (the parser
             # turns it into an alias of the first) and end the plan after it
             self.stats["dead_ends"] += 1
             self.grammar = copy.copy(self.grammar)
             self.grammar.allow_repeat, self.grammar.max_tasks = True, self.state[0] + 1
             m = self.mask(self.state)
-            if not bool(m.any()):
+            if not m.any():
                 m[self.vocab.eos] = True
-        return scores.masked_fill(~m.to(scores.device).unsqueeze(0), float("-inf"))
+        out = scores.detach().to("cpu", torch.float32).numpy().copy()  # (1, vocab)
+        out[:, ~m] = -np.inf
+        return torch.from_numpy(out).to(scores.device)

@@ -67,7 +67,7 @@ class Joiner:
     def decide(self, question: str, records: dict[int, TaskRecord],
                allow_replan: bool = True) -> Decision:
         result = self.backend.chat(self.messages(question, records), max_tokens=self.max_tokens,
-                                   stop=["\n\n"])
+                                   stop=["\n"])      # the reply is one line
         decision = parse_decision(result.text)
         if decision.action == "replan" and not allow_replan:
             decision = Decision("finish", decision.text)

@@ -102,7 +102,8 @@ class LLMCompiler:
             with tl.span("joiner", f"joiner (round {round_no + 1})", "llm") as span:
                 decision = await asyncio.to_thread(self.joiner.decide, question, rnd.records,
                                                    not last)
-                span.meta.update(tokens=decision.result.completion_tokens)
+                span.meta.update(tokens=decision.result.completion_tokens,
+                                 cached=getattr(decision.result, "cached_tokens", 0))
             rnd.decision = decision
             run.llm_calls.append(decision.result)
             if decision.action == "finish":
@@ -128,7 +129,8 @@ class LLMCompiler:
             span.end = tl.now()
             reply = holder.get("reply")
             result = reply.result if reply is not None and reply._done else None
-            span.meta.update(tokens=getattr(result, "completion_tokens", None))
+            span.meta.update(tokens=getattr(result, "completion_tokens", None),
+                             cached=getattr(result, "cached_tokens", 0))
         if result is not None:
             run.llm_calls.append(result)
         await tfu.wait()

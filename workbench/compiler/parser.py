@@ -21,7 +21,8 @@ are accepted as True/False/None.
 
 Problems are PlanIssue events with a line number and a message. In "repair" mode (default) a bad
 task is dropped, and so is every task that depends on it; a repeated task becomes an alias of
-the first one. In "strict" mode the first error rejects the plan: no further task is emitted.
+the first one, and so does a near-duplicate (`dedup`: the same call with cosmetic changes). In
+"strict" mode the first error rejects the plan: no further task is emitted.
 Either way no task ever starts with an input that is missing or wrong.
 """
 
@@ -32,6 +33,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from workbench.compiler.dedup import call_of, first_near_duplicate
 from workbench.compiler.tools import ToolArgumentError, Toolbox, coerce
 
 END_MARKER = "<END_OF_PLAN>"
@@ -42,7 +44,7 @@ _CALL = re.compile(r"^([A-Za-z_][\w.\-]*)\s*\((.*)\)$", re.DOTALL)
 _PLACEHOLDER = re.compile(r"^__ref_(\d+)__$")
 _JSON_NAMES = {"true": True, "false": False, "null": None}
 # issue kinds that are only warnings: the plan is still usable as it is
-WARNINGS = {"ignored", "duplicate_task", "after_join"}
+WARNINGS = {"ignored", "duplicate_task", "near_duplicate", "after_join"}
 
 
 class PlanSyntaxError(ValueError):
@@ -416,10 +418,28 @@ class PlanParser:
             self._alias[idx] = first
             return [self._issue(n, line, "duplicate_task",
                                 f"task {idx} repeats task {first}; ${idx} now means ${first}")]
+        near = self._near_duplicate(task)
+        if near is not None:
+            first, why = near
+            self._alias[idx] = first
+            return [self._issue(n, line, "near_duplicate", f"task {idx} nearly repeats task "
+                                f"{first} ({why}); ${idx} now means ${first}")]
         self._seen_calls[key] = idx
         self.plan.tasks[idx] = task
         self._thought = None
         return [task]
+
+
+    def _near_duplicate(self, task: Task) -> tuple[int, str] | None:
+        earlier = [(t.idx, call_of(t.tool, t.args, t.kwargs)) for t in self.plan.tasks.values()
+                   if t.tool == task.tool]
+        if not earlier:
+            return None
+        defaults = None
+        if self.toolbox is not None:
+            defaults = {p.name: p.default for p in self.toolbox[task.tool].params
+                        if not p.required}
+        return first_near_duplicate(call_of(task.tool, task.args, task.kwargs), earlier, defaults)
 
 
 def _realias(value, alias: dict[int, int]):

@@ -72,7 +72,8 @@ class ReAct:
             line_forced = forced[k] if forced and k < len(forced) else None
             with tl.span("llm", f"step {k + 1}", "llm") as span:
                 result = await asyncio.to_thread(self.step, question, history, line_forced)
-                span.meta.update(tokens=result.completion_tokens)
+                span.meta.update(tokens=result.completion_tokens,
+                                 cached=getattr(result, "cached_tokens", 0))
             run.llm_calls.append(result)
             line = result.text.strip().splitlines()[0] if result.text.strip() else ""
             events = parser.feed(line + "\n")
@@ -91,7 +92,8 @@ class ReAct:
         run.rounds.append(rnd)
         with tl.span("joiner", "answer", "llm") as span:
             decision = await asyncio.to_thread(self.joiner.decide, question, tfu.records, False)
-            span.meta.update(tokens=decision.result.completion_tokens)
+            span.meta.update(tokens=decision.result.completion_tokens,
+                             cached=getattr(decision.result, "cached_tokens", 0))
         rnd.decision = decision
         run.llm_calls.append(decision.result)
         run.answer = decision.text
