@@ -28,6 +28,7 @@ from workbench.squeezed.lookup import (
     weighted_threshold,
 )
 from workbench.squeezed.registry import dense_causal
+from workbench.squeezed.selectors import budget_keys, top_keys
 
 # --- clustering and lookup on random tensors ---------------------------------------------------
 
@@ -92,6 +93,28 @@ def test_compact_and_weighted_threshold():
     values, weights = torch.tensor([0.1, 0.9, 0.5, 0.3]), torch.tensor([10.0, 1.0, 4.0, 5.0])
     assert weighted_threshold(values, weights, 0.25) == 0.5                 # 1 + 4 of 20
     assert weighted_threshold(values, weights, 1.0) == -math.inf
+
+
+def test_top_keys_keeps_at_most_k_and_never_unscored_keys():
+    scores = torch.tensor([[0.5, 0.0, 0.2, 0.9, 0.1], [0.0, 0.0, 0.3, 0.0, 0.0]])
+    assert top_keys(scores, 2).tolist() == [[True, False, False, True, False],
+                                            [False, False, True, False, False]]
+    per_row = top_keys(scores, torch.tensor([1, 3]))
+    assert per_row.sum(-1).tolist() == [1, 1]                               # zeros stay out
+    assert not top_keys(scores, 0).any()
+    assert budget_keys(0.25, 7) == 1 and budget_keys(1.0, 7) == 7          # rounded down
+
+
+def test_layer_shares_average_to_the_budget_fraction():
+    from workbench.squeezed.index import _layer_shares
+
+    gen = torch.Generator().manual_seed(4)
+    p = [torch.rand(50, generator=gen) * s for s in (0.2, 1.0, 3.0)]        # flat to peaked
+    w = [torch.ones(50) for _ in p]
+    shares = _layer_shares(p, w, 0.5, 0.3)
+    assert abs(sum(shares) / 3 - 0.3) < 1e-9 and max(shares) <= 1.0
+    assert shares[0] < shares[1] < shares[2]
+    assert all(x <= 1.0 for x in _layer_shares(p, w, 0.01, 0.9))
 
 
 def test_sparse_parts_merge_to_dense_attention():
@@ -159,14 +182,53 @@ def test_budget_one_reproduces_dense_logits_and_budget_is_spent(setup):
 
 
 @pytest.mark.parametrize("selector", [
-    StreamingSelector(0.5, block_size=8), RandomSelector(0.5, window=16),
-    QuestSelector(0.5, window=16, page=8), OracleSelector(0.5, window=16, block_size=None)])
+    StreamingSelector(0.3, block_size=8), RandomSelector(0.3, window=16),
+    QuestSelector(0.3, window=16, page=8), QuestSelector(0.3, window=16, page=8, block_size=1),
+    OracleSelector(0.3, window=16, block_size=None)])
 @pytest.mark.slow
-def test_baselines_keep_their_budget(setup, selector):
+def test_baselines_spend_exactly_the_budget(setup, selector):
     model, _, ctx, user, cap, _ = setup
     with squeezed_attention(model, selector, context_ids=ctx) as sq:
         model(user[None], **cache_kwargs(model, copy.deepcopy(cap.cache)))
-    assert abs(sq.kept_fraction() - 0.5) < 0.03
+    assert sq.kept_fraction() == pytest.approx(budget_keys(0.3, 288) / 288, abs=1e-6)
+
+
+@pytest.mark.parametrize("allocation", ["capped", "layer", "head"])
+@pytest.mark.parametrize("hierarchical", [False, True])
+@pytest.mark.slow
+def test_squeezed_allocations_never_spend_more_than_the_budget(setup, allocation, hierarchical):
+    model, tokenizer, ctx, user, cap, index = setup
+    question = torch.tensor(tokenizer("\n\nQuestion: what is a class?", add_special_tokens=False)
+                            ["input_ids"])
+    for ids, block in ((user, 1), (user, 8), (question, 1)):
+        with squeezed_attention(model, index, 0.25, hierarchical=hierarchical, block_size=block,
+                                allocation=allocation) as sq:
+            model(ids[None], **cache_kwargs(model, copy.deepcopy(cap.cache)))
+        spend = budget_keys(0.25, 288) / 288
+        if allocation == "layer":                 # the budget over all layers, some use more
+            assert sq.kept_fraction() <= spend + 1e-6
+        else:                                     # the budget in every head and block
+            assert float(sq.kept_per_head().max()) <= spend + 1e-6
+        if not hierarchical and allocation != "capped":
+            assert sq.kept_fraction() > spend - 0.01  # and the whole budget is used
+
+
+@pytest.mark.slow
+def test_recall_items_come_from_the_context_and_need_it(setup):
+    from workbench.squeezed.evaluate import recall
+    from workbench.squeezed.tasks import QualityTask, recall_items
+
+    model, tokenizer, ctx, user, cap, index = setup
+    task = QualityTask("test", ctx, user, ())
+    items = recall_items(model, tokenizer, task, n_items=3, prefix_len=8, answer_len=3)
+    assert items, "no recall item in the test context"
+    for item in items:
+        p = item.position
+        assert ctx[p:p + 8].tolist() == item.prefix_ids.tolist()
+        assert ctx[p + 8:p + 11].tolist() == item.answer_ids.tolist()
+        text, ok, kept = recall(model, tokenizer, cap.cache, task, item,
+                                squeezed_attention(model, index, 1.0))
+        assert kept == 1.0 and isinstance(ok, bool)
 
 
 @pytest.mark.slow

@@ -137,7 +137,10 @@ class SqueezedAttention:
     def _user_attention(self, layer, q, k, v, scaling):
         n = self.context_len
         kernels = (q.is_cuda and self.backend != "torch") or self.backend == "triton"
-        if kernels and isinstance(self.selector, SqueezedSelector) and self.selector.vote == "mean":
+        # the device plan applies the global threshold only: other allocations (which cap the
+        # spend at the budget) go through the mask path, with kernels on CUDA
+        if (kernels and isinstance(self.selector, SqueezedSelector)
+                and self.selector.vote == "mean" and self.selector.allocation == "threshold"):
             return self._fast_path(layer, q, k, v)
         k_ctx, v_ctx = k[:, :, :n], v[:, :, :n]
         mask = self.selector.select(layer, q, k_ctx)            # (b, kv, nb, n)
@@ -170,11 +173,14 @@ class SqueezedAttention:
 @contextmanager
 def squeezed_attention(model, method: SqueezedIndex | Selector, budget: float | None = None, *,
                        hierarchical: bool = False, block_size: int | None = 16,
-                       vote: str = "mean", context_ids=None, backend: str = "auto"):
+                       vote: str = "mean", allocation: str = "capped", context_ids=None,
+                       backend: str = "auto"):
     """Turn squeezed attention on for `model` inside the block; yields the `SqueezedAttention`.
 
     method: a `SqueezedIndex` (with `budget`, `hierarchical`, `block_size`, `vote`: how the
-    query rows of a block combine, "mean" or "max"), or any `Selector`
+    query rows of a block combine, "mean" or "max", and `allocation`: how the budget is shared
+    out, see `SqueezedSelector`; the default "capped" never spends more than the budget on any
+    KV head and block), or any `Selector`
     (a baseline) together with `context_ids` or an index's context length. context_ids, when
     given, are checked against the index (a clear error for another context).
     """
@@ -185,7 +191,7 @@ def squeezed_attention(model, method: SqueezedIndex | Selector, budget: float | 
         method.check(model, context_ids)
         index = method
         selector = SqueezedSelector(index, budget, hierarchical=hierarchical,
-                                    block_size=block_size, vote=vote)
+                                    block_size=block_size, vote=vote, allocation=allocation)
         context_len = index.context_len
     elif isinstance(method, Selector):
         index = None

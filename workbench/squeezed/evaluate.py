@@ -40,24 +40,35 @@ from workbench.squeezed.selectors import (
     RandomSelector,
     StreamingSelector,
 )
-from workbench.squeezed.tasks import QualityTask, make_tasks
+from workbench.squeezed.tasks import QualityTask, Recall, make_tasks, recall_items
 
 BUDGETS = (1.0, 1 / 2, 1 / 4, 1 / 8, 1 / 16)
-METHODS = ("squeezed", "squeezed-hier", "squeezed-input", "streaming", "quest", "random",
-           "oracle")
+METHODS = ("squeezed", "squeezed-hier", "squeezed-threshold", "squeezed-input", "streaming",
+           "quest", "random", "oracle")
+DEFAULT_METHODS = ("squeezed", "squeezed-hier", "squeezed-threshold", "streaming", "quest",
+                   "random", "oracle")
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
 def method_context(model, method: str, index, budget: float, context_ids,
-                   block_size: int | None = 16):
-    """The `squeezed_attention` context manager for a method name at a budget."""
+                   block_size: int | None = 1, allocation: str = "layer"):
+    """The `squeezed_attention` context manager for a method name at a budget.
+
+    squeezed / squeezed-hier: one-level / hierarchical lookup with `allocation` (see
+    `SqueezedSelector`); squeezed-threshold: the paper's uncapped global threshold (its spend
+    drifts from the budget; shown for that); squeezed-input: one key set per user input."""
     ns, win = index.n_sink, index.window
     if method == "squeezed":
-        return squeezed_attention(model, index, budget, block_size=block_size)
+        return squeezed_attention(model, index, budget, block_size=block_size,
+                                  allocation=allocation)
     if method == "squeezed-hier":
-        return squeezed_attention(model, index, budget, hierarchical=True, block_size=block_size)
+        return squeezed_attention(model, index, budget, hierarchical=True, block_size=block_size,
+                                  allocation=allocation)
+    if method == "squeezed-threshold":
+        return squeezed_attention(model, index, budget, block_size=block_size,
+                                  allocation="threshold")
     if method == "squeezed-input":
-        return squeezed_attention(model, index, budget, block_size=None)
+        return squeezed_attention(model, index, budget, block_size=None, allocation=allocation)
     selectors = {
         "streaming": lambda: StreamingSelector(budget, n_sink=ns, block_size=block_size),
         "quest": lambda: QuestSelector(budget, n_sink=ns, window=win, block_size=block_size),
@@ -90,53 +101,90 @@ def continuation_nll(model, cache, task: QualityTask, ctx) -> tuple[float, float
 @torch.no_grad()
 def answer(model, tokenizer, cache, task: QualityTask, fact, ctx, max_new_tokens: int = 8):
     """Greedy completion of the question about `fact`; returns (text, correct, kept)."""
+    q = task.question_ids(tokenizer, fact)
+    text, new, kept = _generate(model, tokenizer, cache, task, q, ctx, max_new_tokens)
+    return text, fact.answer.lower() in text.lower(), kept
+
+
+@torch.no_grad()
+def recall(model, tokenizer, cache, task: QualityTask, item: Recall, ctx):
+    """Greedy continuation of a recall item's prefix; correct when its first tokens are the
+    ones that follow the prefix in the context. Returns (text, correct, kept)."""
+    n = item.answer_ids.numel()
+    text, new, kept = _generate(model, tokenizer, cache, task, item.user_ids(tokenizer), ctx, n)
+    return text, new[:n].tolist() == item.answer_ids.tolist(), kept
+
+
+def _generate(model, tokenizer, cache, task, user_ids, ctx, max_new_tokens):
     device = next(model.parameters()).device
-    q = task.question_ids(tokenizer, fact).to(device)
-    ids = torch.cat([task.context_ids.to(device), q])[None]
+    ids = torch.cat([task.context_ids.to(device), user_ids.to(device)])[None]
     with ctx as state:
         out = model.generate(ids, **cache_kwargs(model, copy.deepcopy(cache)), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)
-    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    return text, fact.answer.lower() in text.lower(), state.kept_fraction()
+    new = out[0, ids.shape[1]:].cpu()
+    return tokenizer.decode(new, skip_special_tokens=True), new, state.kept_fraction()
 
 
-def evaluate_task(model, tokenizer, task: QualityTask, budgets=BUDGETS, methods=METHODS,
-                  block_size: int | None = 16, window: int = 64, log=print,
-                  centroid_ratio: float = 0.05) -> dict:
-    """Every method at every budget on one task. Returns {"task", "build_s", "rows"}."""
+def evaluate_task(model, tokenizer, task: QualityTask, budgets=BUDGETS, methods=DEFAULT_METHODS,
+                  block_size: int | None = 1, window: int = 64, log=print,
+                  centroid_ratio: float = 0.15, allocation: str = "layer",
+                  n_recall: int = 12) -> dict:
+    """Every method at every budget on one task. Returns {"task", "build_s", "recall", "rows"}.
+
+    Per row: perplexity of the continuation, facts answered, recall items continued, and the
+    fraction of the context's keys each part actually kept (`kept_*`: mean over layers, KV
+    heads, query blocks and calls, sink and window included)."""
     t0 = time.perf_counter()
     cap = capture_context(model, task.context_ids, window=window)
     index = build_index(model, capture=cap, window=window, centroid_ratio=centroid_ratio)
     build_s = time.perf_counter() - t0
-    log(f"{task.name}: prefill + clustering {build_s:.0f} s")
+    items = recall_items(model, tokenizer, task, n_recall) if n_recall else []
+    log(f"{task.name}: prefill + clustering {build_s:.0f} s, {len(items)} recall items")
     rows = []
     for budget in budgets:
         for method in (methods if budget < 1 else ("dense",)):
             t1 = time.perf_counter()
             name = "squeezed" if method == "dense" else method
-            nll, kept = continuation_nll(model, cap.cache, task, method_context(
-                model, name, index, budget, task.context_ids, block_size))
+
+            def ctx(name=name, budget=budget):
+                return method_context(model, name, index, budget, task.context_ids, block_size,
+                                      allocation)
+
+            nll, kept = continuation_nll(model, cap.cache, task, ctx())
             answers = []
             for fact in task.facts:
-                text, ok, kept_q = answer(model, tokenizer, cap.cache, task, fact, method_context(
-                    model, name, index, budget, task.context_ids, block_size))
+                text, ok, kept_q = answer(model, tokenizer, cap.cache, task, fact, ctx())
                 answers.append({"answer": fact.answer, "got": text, "correct": ok,
                                 "kept": kept_q})
+            recalled = []
+            for item in items:
+                text, ok, kept_r = recall(model, tokenizer, cap.cache, task, item, ctx())
+                recalled.append({"answer": item.answer, "got": text, "correct": ok,
+                                 "kept": kept_r, "position": item.position})
             row = {"task": task.name, "method": method, "budget": budget, "nll": nll,
                    "ppl": math.exp(nll), "kept_continuation": kept,
                    "kept_questions": sum(a["kept"] for a in answers) / len(answers),
                    "correct": sum(a["correct"] for a in answers), "questions": len(answers),
-                   "answers": answers, "seconds": time.perf_counter() - t1}
+                   "recall_correct": sum(a["correct"] for a in recalled),
+                   "recall_items": len(recalled),
+                   "kept_recall": (sum(a["kept"] for a in recalled) / len(recalled)
+                                   if recalled else float("nan")),
+                   "answers": answers, "recall": recalled,
+                   "seconds": time.perf_counter() - t1}
             rows.append(row)
-            log(f"  {method:15s} budget {budget:.4g}: ppl {row['ppl']:.3f} kept "
-                f"{kept:.3f}/{row['kept_questions']:.3f} questions {row['correct']}/"
-                f"{row['questions']} ({row['seconds']:.0f} s)")
-    return {"task": task.name, "build_s": build_s, "rows": rows}
+            log(f"  {method:18s} budget {budget:.4g}: ppl {row['ppl']:.3f} kept "
+                f"{kept:.3f}/{row['kept_questions']:.3f}/{row['kept_recall']:.3f} questions "
+                f"{row['correct']}/{row['questions']} recall {row['recall_correct']}/"
+                f"{row['recall_items']} ({row['seconds']:.0f} s)")
+    return {"task": task.name, "build_s": build_s, "rows": rows,
+            "recall": [{"position": r.position, "prefix": tokenizer.decode(r.prefix_ids),
+                        "answer": r.answer} for r in items]}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
     """Per (method, budget): perplexity from the mean nll over tasks, its change vs dense in %,
-    question accuracy, mean kept fractions."""
+    facts and recall items answered, and the measured spend: mean kept fraction of the
+    context's keys for the continuation, the questions and the recall items, and their max."""
     dense = [r for r in rows if r["method"] == "dense"]
     dense_nll = sum(r["nll"] for r in dense) / len(dense)
     groups: dict[tuple, list] = {}
@@ -145,23 +193,31 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (method, budget), rs in groups.items():
         nll = sum(r["nll"] for r in rs) / len(rs)
+        kept = {k: sum(r[k] for r in rs) / len(rs) for k in
+                ("kept_continuation", "kept_questions", "kept_recall") if k in rs[0]}
         out.append({"method": method, "budget": budget, "ppl": math.exp(nll),
                     "ppl_change_pct": 100 * (math.exp(nll - dense_nll) - 1),
                     "correct": sum(r["correct"] for r in rs),
                     "questions": sum(r["questions"] for r in rs),
-                    "kept_continuation": sum(r["kept_continuation"] for r in rs) / len(rs),
-                    "kept_questions": sum(r["kept_questions"] for r in rs) / len(rs)})
+                    "recall_correct": sum(r.get("recall_correct", 0) for r in rs),
+                    "recall_items": sum(r.get("recall_items", 0) for r in rs),
+                    **kept, "kept_max": max(v for v in kept.values() if v == v)})
     return sorted(out, key=lambda r: (-r["budget"], METHODS.index(r["method"])
                                       if r["method"] in METHODS else -1))
 
 
 def format_summary(summary: list[dict]) -> str:
-    lines = [f"{'method':15s} {'budget':>7s} {'ppl':>8s} {'vs dense':>9s} {'questions':>9s} "
-             f"{'kept':>11s}"]
+    """A text table: perplexity, its change, facts, recall items, and the kept fraction
+    (continuation / questions / recall) next to the budget."""
+    lines = [f"{'method':18s} {'budget':>7s} {'ppl':>8s} {'vs dense':>9s} {'facts':>7s} "
+             f"{'recall':>7s} {'kept (cont/facts/recall)':>25s}"]
     for r in summary:
-        lines.append(f"{r['method']:15s} {r['budget']:7.4f} {r['ppl']:8.3f} "
-                     f"{r['ppl_change_pct']:+8.2f}% {r['correct']:4d}/{r['questions']:<4d} "
-                     f"{r['kept_continuation']:.3f}/{r['kept_questions']:.3f}")
+        kept = "/".join(f"{r[k]:.3f}" for k in ("kept_continuation", "kept_questions",
+                                                  "kept_recall") if k in r)
+        lines.append(f"{r['method']:18s} {r['budget']:7.4f} {r['ppl']:8.3f} "
+                     f"{r['ppl_change_pct']:+8.2f}% {r['correct']:3d}/{r['questions']:<3d} "
+                     f"{r.get('recall_correct', 0):3d}/{r.get('recall_items', 0):<3d} "
+                     f"{kept:>25s}")
     return "\n".join(lines)
 
 
@@ -170,12 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--context-len", type=int, default=3584)
     parser.add_argument("--continuation-len", type=int, default=256)
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=1,
+                        help="user queries per selection block (0: one set per input)")
     parser.add_argument("--window", type=int, default=64)
-    parser.add_argument("--centroid-ratio", type=float, default=0.05,
+    parser.add_argument("--centroid-ratio", type=float, default=0.15,
                         help="fine centroids per clustered key (the paper: ~0.05)")
+    parser.add_argument("--allocation", default="layer",
+                        help="how squeezed shares out the budget (see SqueezedSelector)")
+    parser.add_argument("--recall", type=int, default=12, help="recall items per context")
     parser.add_argument("--budgets", default="1,1/2,1/4,1/8,1/16")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the JSON")
     parser.add_argument("--name", default="squeezed_quality")
     args = parser.parse_args(argv)
@@ -189,8 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     methods = tuple(m for m in args.methods.split(",") if m)
     tasks = make_tasks(tokenizer, args.tasks, args.context_len, args.continuation_len)
     started = time.perf_counter()
-    results = [evaluate_task(model, tokenizer, t, budgets, methods, args.block_size,
-                             args.window, centroid_ratio=args.centroid_ratio) for t in tasks]
+    block = args.block_size or None
+    results = [evaluate_task(model, tokenizer, t, budgets, methods, block, args.window,
+                             centroid_ratio=args.centroid_ratio, allocation=args.allocation,
+                             n_recall=args.recall) for t in tasks]
     rows = [r for res in results for r in res["rows"]]
     summary = summarize(rows)
     print(format_summary(summary))
@@ -199,10 +261,15 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment("cpu"),
         "model": {k: v for k, v in describe(model).items() if k != "device"},
         "setup": {"tasks": [t.name for t in tasks], "context_len": args.context_len,
-                  "continuation_len": args.continuation_len, "block_size": args.block_size,
+                  "continuation_len": args.continuation_len, "block_size": block,
                   "window": args.window, "n_sink": 4, "centroid_ratio": args.centroid_ratio,
-                  "coarse_ratio": 0.125, "facts_per_task": len(tasks[0].facts),
+                  "coarse_ratio": 0.125, "allocation": args.allocation,
+                  "facts_per_task": len(tasks[0].facts),
+                  "recall_items": [len(r["recall"]) for r in results],
+                  "kept": "fraction of the context's keys attended, mean over layers, KV heads, "
+                          "query blocks and calls; sink and observation window included",
                   "text": "pydoc_data.topics (Python language reference), facts spliced in"},
+        "recall": {r["task"]: r["recall"] for r in results},
         "summary": summary,
         "rows": rows,
         "build_s": [r["build_s"] for r in results],

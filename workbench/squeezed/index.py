@@ -22,7 +22,10 @@ n - n_sink - window keys in between are clustered. Every layer has the same numb
 The budget is the fraction of the context's keys a query attends (sink and window included).
 One global threshold (over all layers and heads) is calibrated on the window queries so that
 the keys whose estimate passes it make up the budget; each head then keeps what its own
-estimates pass, so heads with peaked attention keep fewer keys and flat ones more.
+estimates pass, so heads with peaked attention keep fewer keys and flat ones more. User queries
+are not the window's queries, so applied as is the threshold spends more or less than the
+budget (10-20% more on real text here); `SqueezedSelector`'s allocations bound the spend: the
+calibration also gives each layer's share (`Thresholds.layer_fractions`) for that.
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ class Thresholds:
     fine: float               # keep a clustered key when its centroid's estimate >= fine
     coarse: float             # hierarchical: score the children of coarse centroids >= coarse
     clustered_fraction: float  # share of the clustered keys the fine threshold keeps
+    # per layer: the share of its clustered keys the fine threshold keeps on the calibration
+    # queries (mean over layers = clustered_fraction): the layer shares of allocation="layer"
+    layer_fractions: tuple[float, ...] = ()
 
 
 @dataclass
@@ -179,8 +185,9 @@ class SqueezedIndex:
         hier_p = [self.estimates(layer, q[layer][None], block_size, True, t_coarse,
                                  vote).flatten() for layer in range(self.layers)]
         t_hier = weighted_threshold(torch.cat(hier_p), torch.cat(flat_w).float(), f)
-        result = (Thresholds(budget, t_flat, -math.inf, f),
-                  Thresholds(budget, t_hier, t_coarse, f))
+        result = (Thresholds(budget, t_flat, -math.inf, f, _layer_shares(flat_p, flat_w, t_flat, f)),
+                  Thresholds(budget, t_hier, t_coarse, f,
+                             _layer_shares(hier_p, flat_w, t_hier, f)))
         self._thresholds[key] = result
         return result
 
@@ -267,6 +274,27 @@ class SqueezedIndex:
                     context_hash=meta["context_hash"], **config, **tensors)
         index.check(model, context_ids)
         return index
+
+
+def _layer_shares(p: list[torch.Tensor], w: list[torch.Tensor], threshold: float,
+                  fraction: float) -> tuple[float, ...]:
+    """Per layer, the key-weighted share of estimates p >= threshold, rescaled so that the mean
+    over layers is `fraction` exactly (ties at the threshold can shift it a little) and capped
+    at 1."""
+    if fraction >= 1.0:
+        return tuple(1.0 for _ in p)
+    raw = torch.tensor([float((wl.float() * (pl >= threshold)).sum() / wl.float().sum())
+                        for pl, wl in zip(p, w, strict=True)], dtype=torch.float64)
+    shares = raw * (fraction / raw.mean().clamp_min(1e-12))
+    for _ in range(10):                       # cap at 1 and hand the excess to the other layers
+        over = shares > 1.0
+        if not bool(over.any()):
+            break
+        excess = float((shares[over] - 1.0).sum())
+        shares[over] = 1.0
+        free = ~over & (shares < 1.0)
+        shares[free] += excess * shares[free] / shares[free].sum().clamp_min(1e-12)
+    return tuple(float(x) for x in shares.clamp(0.0, 1.0))
 
 
 def _cluster_layer(keys: torch.Tensor, n_fine: int, n_coarse: int, iterations: int,

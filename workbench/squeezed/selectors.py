@@ -8,11 +8,13 @@ A selector answers `select(layer, q, context_keys) -> mask`:
 
 All query heads that share a KV head share its key set (GQA), and the queries of one block of
 `block_size` share it too (None: one set for the whole call, the paper's granularity). Every
-selector spends the same budget (fraction of the n context keys), so they compare fairly:
+selector spends the same budget, floor(budget * n) of the n context keys per KV head and block
+(squeezed: at most that), so they compare fairly:
 
-- `SqueezedSelector`: centroid lookup (one-level or hierarchical) against a global threshold;
-  the sink and the observation window are always kept; the budget is met on average over the
-  calibration queries and adapts per layer and head.
+- `SqueezedSelector`: centroid lookup (one-level or hierarchical); the sink and the observation
+  window are always kept and count inside the budget; `allocation` says how the budget is
+  shared out (the paper's global threshold drifts with the queries; the others never spend
+  more than the budget).
 - `StreamingSelector`: the first `n_sink` keys plus the most recent ones (StreamingLLM-like).
 - `RandomSelector`: the sink and window plus keys drawn at random (fixed per layer and head).
 - `QuestSelector`: the sink and window plus the pages of `page` keys with the highest upper
@@ -39,8 +41,14 @@ def _fixed_mask(n: int, n_sink: int, window: int, device) -> torch.Tensor:
 
 
 def _middle_keep(budget: float, n: int, fixed: int) -> int:
-    """How many keys besides the always-kept ones a budget allows (>= 0)."""
-    return max(0, min(n - fixed, round(budget * n) - fixed))
+    """How many keys besides the always-kept ones a budget allows (>= 0): the budget's keys
+    (rounded down, so the spend never exceeds it) less the always-kept ones."""
+    return max(0, min(n - fixed, budget_keys(budget, n) - fixed))
+
+
+def budget_keys(budget: float, n: int) -> int:
+    """Keys a budget allows out of n, rounded down (never more than budget * n)."""
+    return min(n, math.floor(budget * n + 1e-9))
 
 
 class Selector:
@@ -66,28 +74,86 @@ class Selector:
         return f"{type(self).__name__}(budget={self.budget:.4g}, block_size={self.block_size})"
 
 
+ALLOCATIONS = ("threshold", "capped", "layer", "head")
+
+
+def top_keys(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """(..., m) scores -> bool mask of the k highest positive scores along the last dim
+    (k: an int, or a tensor broadcastable to scores.shape[:-1]). Zero scores (keys never scored,
+    e.g. children of pruned coarse centroids) are never kept."""
+    m = scores.shape[-1]
+    k_max = int(k if isinstance(k, int) else k.max())
+    k_max = max(0, min(m, k_max))
+    out = torch.zeros_like(scores, dtype=torch.bool)
+    if k_max == 0:
+        return out
+    top = scores.topk(k_max, dim=-1)
+    rank_ok = torch.arange(k_max, device=scores.device) < torch.as_tensor(
+        k, device=scores.device)[..., None]
+    out.scatter_(-1, top.indices, rank_ok & (top.values > 0))
+    return out
+
+
 class SqueezedSelector(Selector):
-    """Squeezed Attention: keep the keys whose centroid's estimated attention passes the global
-    threshold calibrated for the budget (plus the sink and the window)."""
+    """Squeezed Attention: keep the keys whose centroid's estimated attention is highest (plus
+    the sink and the window, which count inside the budget).
+
+    allocation: how the budget is shared out.
+
+    - "threshold": the paper's: one global threshold calibrated offline on the observation
+      window's queries; each head keeps what passes it. User queries differ from the window's,
+      so the spend drifts (it overshot the budget by 10-20% on real text).
+    - "capped": the global threshold, but no (KV head, query block) keeps more than the budget
+      (the highest estimates win where the threshold would overspend): spend <= budget.
+    - "layer": per (layer, query block), the highest estimates pooled over the layer's KV heads
+      fill the layer's share; the shares come from calibration (the share of the clustered keys
+      each layer keeps under the global threshold, mean = the budget): spend = budget.
+    - "head": every (KV head, query block) keeps exactly its budget's highest estimates.
+    """
 
     def __init__(self, index: SqueezedIndex, budget: float, *, hierarchical: bool = False,
-                 block_size: int | None = 16, coarse_factor: float = 3.0, vote: str = "mean"):
+                 block_size: int | None = 16, coarse_factor: float = 3.0, vote: str = "mean",
+                 allocation: str = "threshold"):
         super().__init__(budget, block_size)
+        if allocation not in ALLOCATIONS:
+            raise WorkbenchError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}.")
         self.index, self.hierarchical, self.vote = index, hierarchical, vote
+        self.allocation = allocation
         self.name = "squeezed-hier" if hierarchical else "squeezed"
         self.thresholds = index.thresholds(self.budget, block_size, hierarchical, coarse_factor,
                                            vote)
+
+    def middle_limit(self) -> int:
+        """Clustered keys one (KV head, block) may keep: the budget less the sink and window."""
+        ix = self.index
+        return _middle_keep(self.budget, ix.context_len, ix.n_sink + ix.window)
 
     def select(self, layer, q, context_keys):
         ix = self.index
         if self.budget >= 1.0:
             return self._all(q, context_keys)
-        p = ix.estimates(layer, q, self.block_size, self.hierarchical,
-                         self.thresholds.coarse, self.vote)                 # (b, kv, nb, kf)
-        keep_c = p >= self.thresholds.fine
+        t = self.thresholds
+        p = ix.estimates(layer, q, self.block_size, self.hierarchical, t.coarse,
+                         self.vote)                                          # (b, kv, nb, kf)
         labels = ix.labels[layer].to(q.device)                              # (kv, n_clustered)
-        b, kv, nb, _ = keep_c.shape
-        keep = torch.gather(keep_c, 3, labels[None, :, None, :].expand(b, kv, nb, -1))
+        b, kv, nb, _ = p.shape
+        est = torch.gather(p, 3, labels[None, :, None, :].expand(b, kv, nb, -1))  # (b, kv, nb, m)
+        limit = self.middle_limit()
+        if self.allocation == "threshold":
+            keep = est >= t.fine
+        elif self.allocation == "capped":
+            keep = est >= t.fine
+            over = keep.sum(-1) > limit                                     # (b, kv, nb)
+            if bool(over.any()):
+                keep = torch.where(over[..., None], top_keys(est, limit), keep)
+        elif self.allocation == "head":
+            keep = top_keys(est, limit)
+        else:                                                               # "layer"
+            m = est.shape[-1]
+            share = t.layer_fractions[layer] if t.layer_fractions else t.clustered_fraction
+            total = min(kv * m, math.floor(share * kv * m))
+            pooled = est.permute(0, 2, 1, 3).reshape(b, nb, kv * m)         # (b, nb, kv * m)
+            keep = top_keys(pooled, total).reshape(b, nb, kv, m).permute(0, 2, 1, 3)
         sink = keep.new_ones(b, kv, nb, ix.n_sink)
         win = keep.new_ones(b, kv, nb, ix.window)
         return torch.cat([sink, keep, win], dim=3)                          # (b, kv, nb, n)
@@ -105,7 +171,7 @@ class StreamingSelector(Selector):
     def select(self, layer, q, context_keys):
         mask = self._all(q, context_keys)
         n = mask.shape[-1]
-        recent = max(0, round(self.budget * n) - self.n_sink)
+        recent = max(0, budget_keys(self.budget, n) - self.n_sink)
         keep = _fixed_mask(n, self.n_sink, recent, q.device)
         return mask & keep
 
@@ -164,8 +230,7 @@ class QuestSelector(Selector):
         mask = self._all(q, context_keys)
         b, kv, nb, n = mask.shape
         kmin, kmax, m = self._page_bounds(layer, context_keys)
-        fixed = self.n_sink + self.window
-        n_pages = min(kmin.shape[2], _middle_keep(self.budget, n, fixed) // self.page)
+        extra = _middle_keep(self.budget, n, self.n_sink + self.window)
         x, valid = group_queries(q, kv, self.block_size)                    # (b, kv, nb, r, d)
         # sum_d max(q_d * min_d, q_d * max_d) = q+ . max + q- . min  (q+ / q-: positive / negative
         # parts of q), an upper bound on q . k for every key of the page
@@ -173,9 +238,10 @@ class QuestSelector(Selector):
                  + torch.einsum("bhnrd,bhpd->bhnrp", x.clamp_max(0), kmin))  # (b, kv, nb, r, P)
         w = valid.float()[None, None, :, :, None]
         score = (bound * w).sum(3) / w.sum(3)                               # (b, kv, nb, P)
-        chosen = torch.zeros(b, kv, nb, kmin.shape[2], dtype=torch.bool, device=q.device)
-        chosen.scatter_(3, score.topk(n_pages, dim=3).indices, True)
-        keys = chosen.repeat_interleave(self.page, dim=3)[..., :m]          # (b, kv, nb, m)
+        # whole pages in order of their bound; the last page is cut to spend exactly the budget
+        per_key = score.repeat_interleave(self.page, dim=3)[..., :m]        # (b, kv, nb, m)
+        keys = torch.zeros(b, kv, nb, m, dtype=torch.bool, device=q.device)
+        keys.scatter_(3, per_key.topk(min(extra, m), dim=3).indices, True)
         out = torch.cat([mask.new_ones(b, kv, nb, self.n_sink), keys,
                          mask.new_ones(b, kv, nb, self.window)], dim=3)
         return mask & out

@@ -9,6 +9,13 @@ at fixed depths of the context (10-45%, far from the end, so a recent window mis
 each gets a question answered by greedy decoding and checked by substring. The text around the
 facts stays real; the facts are what the model must find, the "needle" test. The values are drawn
 from a seeded generator, so a task set is the same on every run.
+
+Recall items (`recall_items`) ask about the real text itself: a line of the context from far
+back (5-75% deep) is repeated as the user input, cut after its first `prefix_len` tokens, and the
+model must continue it with the `answer_len` tokens that follow it in the context (checked token
+by token). An item is only used when its prefix occurs once in the context and the model does
+*not* produce the answer from the prefix alone (no context): the answer must come from the
+context. They give many more far-back questions per context than the four placed facts.
 """
 
 from __future__ import annotations
@@ -47,6 +54,19 @@ class Fact:
     prompt: str         # the answer's start, so a small model only has to complete it
     answer: str         # what the greedy completion must contain
     position: int       # token position of the statement in the context
+
+
+@dataclass(frozen=True)
+class Recall:
+    prefix_ids: torch.Tensor   # (prefix_len,) tokens of a context line, the user input
+    answer_ids: torch.Tensor   # (answer_len,) the tokens that follow them in the context
+    answer: str                # answer_ids decoded, for people
+    position: int              # token position of the prefix in the context
+
+    def user_ids(self, tokenizer) -> torch.Tensor:
+        """(q_len,) the user input: a paragraph break, then the prefix."""
+        sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+        return torch.cat([torch.tensor(sep, dtype=torch.long), self.prefix_ids])
 
 
 @dataclass(frozen=True)
@@ -111,3 +131,56 @@ def make_tasks(tokenizer, n_tasks: int = 3, context_len: int = 3584,
                                  torch.tensor(out), torch.tensor(cont[:continuation_len]),
                                  tuple(facts)))
     return tasks
+
+
+def _occurrences(seq: torch.Tensor, pattern: torch.Tensor) -> int:
+    """How many times `pattern` (p,) occurs in `seq` (n,)."""
+    p = pattern.numel()
+    if p > seq.numel():
+        return 0
+    windows = seq.unfold(0, p, 1)                                          # (n - p + 1, p)
+    return int((windows == pattern).all(dim=1).sum())
+
+
+@torch.no_grad()
+def recall_items(model, tokenizer, task: QualityTask, n_items: int = 12, prefix_len: int = 12,
+                 answer_len: int = 4, depths: tuple[float, float] = (0.05, 0.75),
+                 candidates: int = 4) -> list[Recall]:
+    """Up to `n_items` recall items from lines that start between `depths` of the context.
+
+    The depth range is cut into `n_items` equal segments, one item each: the line starts of a
+    segment are tried from its middle outwards (at most `candidates` of them); a candidate is
+    skipped when its prefix is not unique in the context, when it overlaps a placed fact, when
+    its answer crosses a line break, or when the model continues the prefix correctly without
+    the context.
+    """
+    ids = task.context_ids
+    n = ids.numel()
+    newline = {t for t in set(ids.tolist()) if "\n" in tokenizer.decode([t])}
+    span = prefix_len + answer_len
+    starts = [i + 1 for i in range(n - 1) if int(ids[i]) in newline
+              and int(ids[i + 1]) not in newline and i + 1 + span < n]
+    facts = [(f.position, f.position + 32) for f in task.facts]
+    device = next(model.parameters()).device
+    lo, hi = depths[0] * n, depths[1] * n
+    step = (hi - lo) / n_items
+    items: list[Recall] = []
+    for k in range(n_items):
+        a, b = lo + k * step, lo + (k + 1) * step
+        mid = (a + b) / 2
+        inside = sorted((s for s in starts if a <= s < b), key=lambda s: abs(s - mid))
+        for s in inside[:candidates]:
+            prefix, ans = ids[s:s + prefix_len], ids[s + prefix_len:s + span]
+            if any(fa < s + span and s < fb for fa, fb in facts):
+                continue
+            if any(int(t) in newline for t in ans) or _occurrences(ids, prefix) != 1:
+                continue
+            item = Recall(prefix, ans, tokenizer.decode(ans), s)
+            user = item.user_ids(tokenizer)[None].to(device)
+            out = model.generate(user, do_sample=False, max_new_tokens=answer_len,
+                                 pad_token_id=tokenizer.eos_token_id)
+            if out[0, user.shape[1]:].cpu().tolist() == ans.tolist():
+                continue                                # answerable without the context
+            items.append(item)
+            break
+    return items
