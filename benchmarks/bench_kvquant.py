@@ -49,6 +49,10 @@ from workbench.kvquant.fused import random_layer  # noqa: E402
 from workbench.kvquant.levels import nf_levels  # noqa: E402
 
 SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}   # q heads, kv heads, head_dim
+# launch settings timed per case: (warps, stages, splits as a multiple of ~4 programs per SM,
+# levels by select tree (True) or table gather (False)); the best is reported
+SETTINGS = ((4, 1, 2, True), (8, 1, 2, True), (4, 2, 2, True), (4, 1, 4, True),
+            (4, 1, 2, False))
 
 
 def dense_inputs(hq, hkv, s, d, dtype, gen):
@@ -137,12 +141,13 @@ def main(argv=None):
                 log(f"{shape_name} {s} {vname}: {rep}")
                 nbytes = packed.nbytes()
                 timings = {}
-                for nw, ns, mult in ((4, 1, 1), (8, 1, 1), (4, 1, 2), (8, 1, 2), (8, 2, 2)):
+                for nw, ns, mult, lut in SETTINGS:
                     n_spl = mult * max(1, -(-528 // hkv))
-                    key = f"warps={nw} stages={ns} splits={n_spl}"
+                    key = (f"warps={nw} stages={ns} splits={n_spl} "
+                           f"levels={'select' if lut else 'gather'}")
                     try:
-                        def run(nw=nw, ns=ns, n_spl=n_spl, q=q, packed=packed):
-                            o, lse = kvquant_decode_triton(q, packed, n_spl, nw, ns)
+                        def run(nw=nw, ns=ns, n_spl=n_spl, q=q, packed=packed, lut=lut):
+                            o, lse = kvquant_decode_triton(q, packed, n_spl, nw, ns, lut)
                             return merge_attention_partials(o, lse)
                         run()
                         timings[key] = time_ms(run)

@@ -22,7 +22,9 @@ Variants per case:
                       with enable_gqa; prefill with a bottom-right causal mask). The baseline.
   gather + sdpa       torch.gather of the kept context keys/values (one set per KV head), then
                       SDPA over them plus the user keys.
-  sparse attn only    the gathered sparse kernel over given indices (+ user part + merge).
+  lookup only         centroid keep flags + chunked selection of the kept positions.
+  sparse attn only    the gathered sparse kernel over given chunked indices (context part);
+                      with --tune also at other launch settings (block_n, warps, stages).
   squeezed            the full kernel path, lookup included: centroid scoring, select_indices,
                       sparse attention of context and user parts, LSE merge (one-level).
   squeezed-hier       the same with the two-level lookup.
@@ -73,6 +75,12 @@ from kernels.squeezed_lookup import (
     compact_mask_reference,
     select_indices,
     select_indices_reference,
+)
+from kernels.squeezed_select import (
+    centroid_keep,
+    centroid_keep_reference,
+    select_chunks,
+    select_chunks_reference,
 )
 from kernels.testing import assert_matches_reference, fresh_seed
 from workbench.squeezed.fastpath import DevicePlan, fast_squeezed_attention, kept_centroids
@@ -238,6 +246,17 @@ def check_correctness(device: str) -> list[str]:
             ri, rc = select_indices_reference(keep, labels, n, 4, 16)
             ok = torch.arange(n, device=device) < rc[..., None]
             assert torch.equal(sc, rc) and torch.equal(si[ok], ri[ok]), "select_indices"
+            thr = float(centroid_scores_reference(q.double(), c.double(), ln.double(),
+                                                  d ** -0.5, block).median())
+            got_keep = centroid_keep(q, c, ln, d ** -0.5, block, thr, backend="triton")
+            want_keep = centroid_keep_reference(q.double(), c.double(), ln.double(), d ** -0.5,
+                                                block, thr)
+            differ = float((got_keep != want_keep).float().mean())
+            assert differ < 0.01, f"centroid_keep: {differ:.3f} of the flags differ"
+            ci, cc, ch = select_chunks(keep, labels, n, 4, 16, 256, backend="triton")
+            ri, rc = select_chunks_reference(keep, labels, n, 4, 16, 256)
+            ok = (torch.arange(ch, device=device) < cc[..., None]).flatten(3)
+            assert torch.equal(cc, rc) and torch.equal(ci[ok], ri[ok]), "select_chunks"
             lines.append(f"ok {str(dtype):15s} b{b} hq{hq} kv{kv} q{q_len} n{n} d{d}: "
                          + "; ".join(str(r) for r in rep))
     return lines
@@ -275,8 +294,39 @@ def check_fast_path(device: str, dtype) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+TUNINGS = (
+    (("block_n", 32), ("num_warps", 4)),
+    (("block_n", 64), ("num_warps", 8)),
+    (("block_n", 128), ("num_warps", 8)),
+    (("block_n", 64), ("num_warps", 4), ("num_stages", 3)),
+    (("block_n", 32), ("num_warps", 2)),
+)
+
+
+def kernel_profile(fn, device: str, calls: int = 20, top: int = 10) -> list[str]:
+    """GPU time per kernel of `fn` (torch.profiler, `calls` calls), largest first, as lines."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us:
+            rows.append((us / calls, e.count // calls, e.key[:70]))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    lines = [f"{us:8.1f} us x{cnt} {name}" for us, cnt, name in rows[:top]]
+    return [f"total {total:.1f} us per call"] + lines
+
+
 def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: str,
-               can_triton: bool, user: int = 512) -> list[dict]:
+               can_triton: bool, user: int = 512, tune: bool = False, profile: bool = False,
+               meta_profile: dict | None = None) -> list[dict]:
     gen = torch.Generator().manual_seed(fresh_seed())
     hq, kv, d = shape.q_heads, shape.kv_heads, shape.head_dim
     q_len = 1 if mode == "decode" else user
@@ -306,18 +356,25 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
     impls["gather + sdpa"] = lambda: gather_sdpa(q, k, v, idx_one, n, scaling)
     plan16 = plans[(False, 16)]
     keep16 = kept_centroids(plan16, 0, q, 16, backend)
-    idx16, cnt16 = select_indices(keep16, plan16.labels[0], n, 4, 64, backend=backend)
-    kept = float(cnt16.float().mean()) / n
+    idx16, cnt16, _ = select_chunks(keep16, plan16.labels[0], n, 4, 64, backend=backend)
+    kept = float(cnt16.sum(-1).float().mean()) / n
+    impls["lookup only"] = lambda: select_chunks(kept_centroids(plan16, 0, q, 16, backend),
+                                                 plan16.labels[0], n, 4, 64, backend=backend)
 
-    def sparse_only():
-        o1, l1 = sparse_attention(q, k[:, :, :n], v[:, :, :n], idx16, cnt16, 16, scaling,
-                                  backend=backend)
-        return o1, l1
+    def sparse_only(tuning=None):
+        return sparse_attention(q, k[:, :, :n], v[:, :, :n], idx16, cnt16, 16, scaling,
+                                backend=backend, tuning=tuning)
 
     impls["sparse attn only (ctx)"] = sparse_only
+    if tune and can_triton:
+        for cfg in TUNINGS:
+            impls[f"sparse attn only {cfg}"] = (lambda c=cfg: sparse_only(dict(c)))
     impls["squeezed"] = lambda: fast_squeezed_attention(plan16, 0, q, k, v, 16, backend)
     impls["squeezed-hier"] = lambda: fast_squeezed_attention(plans[(True, 16)], 0, q, k, v, 16,
                                                              backend)
+    if profile and can_triton:
+        meta_profile[f"{shape.name} n{n // 1024}K {mode} 1/{round(1 / budget)}"] = \
+            kernel_profile(impls["squeezed"], device)
     if mode == "prefill":
         impls["squeezed (1 set)"] = lambda: fast_squeezed_attention(
             plans[(False, None)], 0, q, k, v, None, backend)
@@ -355,6 +412,10 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
         nbytes = dense_bytes if name.startswith("dense") else int(sum(must.values()))
         if name == "gather + sdpa":
             nbytes = int(must["kept_kv"] + must["user_kv"] + must["q_o"])
+        elif name.startswith("sparse attn only"):
+            nbytes = int(must["kept_kv"] + must["q_o"])
+        elif name == "lookup only":
+            nbytes = int(must["centroids"] + must["labels"])
         row = result_row(name=f"{shape.name} n{n // 1024}K {mode} 1/{round(1 / budget)}",
                          impl=name, shape={"q_heads": hq, "kv_heads": kv, "head_dim": d,
                                            "context": n, "user": u, "q_len": q_len,
@@ -401,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="folder for the JSON (GPU default: benchmarks/results)")
     parser.add_argument("--quick", action="store_true", help="GPU: 128K and budget 1/8 only")
     parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--tune", action="store_true", help="also time launch settings of the "
+                        "sparse attention at the largest context, budget 1/8")
+    parser.add_argument("--profile", action="store_true", help="GPU: kernel times of the "
+                        "squeezed path at the largest context, budget 1/8 (torch.profiler)")
+    parser.add_argument("--shapes", default=None, help="comma-separated shape names")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -423,24 +489,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"correctness ({time.perf_counter() - t0:.1f} s):", *lines, sep="\n  ", flush=True)
         meta["correctness"] = lines
     shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
+    if args.shapes:
+        shapes = tuple(x for x in shapes if x.name in args.shapes.split(","))
     contexts = GPU_CONTEXTS if on_gpu else CPU_CONTEXTS
     budgets = BUDGETS
     if args.quick and on_gpu:
         contexts, budgets = (128 * 1024,), (1 / 8,)
-    rows = []
+    rows, profiles = [], {}
+    meta["kernel_profiles"] = profiles
     for shape in shapes:
         for n in contexts:
             for mode in ("decode", "prefill"):
                 for budget in budgets:
                     t0 = time.perf_counter()
                     rows += bench_case(shape, n, mode, budget, dtype, device, can_triton,
-                                       user=meta["user_tokens"])
+                                       user=meta["user_tokens"],
+                                       tune=args.tune and budget == 1 / 8
+                                       and n == max(contexts),
+                                       profile=args.profile and on_gpu and budget == 1 / 8
+                                       and n == max(contexts), meta_profile=profiles)
                     print(f"  {shape.name} n={n} {mode} 1/{round(1 / budget)}: "
                           f"{time.perf_counter() - t0:.1f} s", flush=True)
     meta["targets"] = targets(rows)
     print()
     print_table(rows, ("name", "impl", "median_ms", "speedup", "graph_ms", "graph_speedup",
                        "gbps", "floor_ratio"))
+    for name, lines in profiles.items():
+        print(f"\nkernels of squeezed, {name}:", *lines, sep="\n  ")
     print("\ntargets:", *[f"{k}: {v}" for k, v in meta["targets"].items()], sep="\n  ")
     out_dir = args.out or ("benchmarks/results" if on_gpu else None)
     if out_dir:

@@ -174,6 +174,53 @@ if HAS_TRITON:
         return tl.reshape(code, [BLOCK_N, HALF])
 
     @triton.jit
+    def _plane_bits(planes_ptr, row_off, n_ok, byte0, j: tl.constexpr, NB: tl.constexpr,
+                    HALF: tl.constexpr):
+        # bit j of the codes of channels [8 * byte0, 8 * byte0 + HALF): (BLOCK_N, HALF/8, 8) bool
+        nbh: tl.constexpr = HALF // 8
+        offs_b = byte0 + tl.arange(0, nbh)
+        raw = tl.load(planes_ptr + row_off[:, None] + j * NB + offs_b[None, :],
+                      mask=n_ok[:, None], other=0).to(tl.int32)
+        return ((raw[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1) != 0
+
+    @triton.jit
+    def _pair(b, t_ptr, i: tl.constexpr):
+        # level 2i + 1 where bit 0 is set, else level 2i
+        return tl.where(b, tl.load(t_ptr + 2 * i + 1), tl.load(t_ptr + 2 * i))
+
+    @triton.jit
+    def _levels_select(t_ptr, planes_ptr, row_off, n_ok, byte0: tl.constexpr,
+                       BITS: tl.constexpr, NB: tl.constexpr, HALF: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+        # table[code] as a binary tree of selects on the code's bits (levels are scalars in
+        # registers): 2^bits - 1 selects per element, no gather through the memory pipeline
+        b0 = _plane_bits(planes_ptr, row_off, n_ok, byte0, 0, NB, HALF)
+        b1 = _plane_bits(planes_ptr, row_off, n_ok, byte0, 1, NB, HALF)
+        x = tl.where(b1, _pair(b0, t_ptr, 1), _pair(b0, t_ptr, 0))
+        if BITS >= 3:
+            b2 = _plane_bits(planes_ptr, row_off, n_ok, byte0, 2, NB, HALF)
+            x = tl.where(b2, tl.where(b1, _pair(b0, t_ptr, 3), _pair(b0, t_ptr, 2)), x)
+        if BITS >= 4:
+            b3 = _plane_bits(planes_ptr, row_off, n_ok, byte0, 3, NB, HALF)
+            x_hi = tl.where(b1, _pair(b0, t_ptr, 5), _pair(b0, t_ptr, 4))
+            x_hi = tl.where(b2, tl.where(b1, _pair(b0, t_ptr, 7), _pair(b0, t_ptr, 6)), x_hi)
+            x = tl.where(b3, x_hi, x)
+        return tl.reshape(x, [BLOCK_N, HALF])
+
+    @triton.jit
+    def _levels(t_ptr, planes_ptr, row_off, n_ok, byte0: tl.constexpr, BITS: tl.constexpr,
+                NB: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+                LUT_SELECT: tl.constexpr):
+        # dequantized levels (BLOCK_N, HALF) float32 of one channel half
+        if LUT_SELECT:
+            x = _levels_select(t_ptr, planes_ptr, row_off, n_ok, byte0, BITS, NB, HALF,
+                               BLOCK_N)
+        else:
+            x = tl.load(t_ptr + _unpack_half(planes_ptr, row_off, n_ok, byte0, BITS, NB, HALF,
+                                             BLOCK_N))
+        return x
+
+    @triton.jit
     def _sparse_tiles(ptr_ptr, idx_ptr, val_ptr, blk_flat, blk_ok, n_local, lo, hi,
                       D: tl.constexpr, E_CHUNK: tl.constexpr):
         # the sparse deltas of one block as two dense (BLOCK_N, HALF) tiles (channel halves):
@@ -205,6 +252,7 @@ if HAS_TRITON:
         S, H, G, n_blocks, n_splits, tiles_per_split, qk_scale, rope_scale,
         BITS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
         E_CHUNK: tl.constexpr, HAS_SPARSE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        LUT_SELECT: tl.constexpr,
     ):
         # Tensor-core operands are fp16 for 16-bit queries (bf16 queries are converted: keys,
         # values and probabilities fit fp16's range, and it has 3 more mantissa bits), fp32
@@ -240,9 +288,9 @@ if HAS_TRITON:
             n_ok = offs_n < S
             row_off = (bh.to(tl.int64) * S + offs_n) * (BITS * NB)      # byte offset of planes
             # keys: codes -> levels -> per-channel scale/zero (+ sparse) -> RoPE
-            k1 = tl.load(kt_ptr + _unpack_half(kp_ptr, row_off, n_ok, 0, BITS, NB, HALF, BLOCK_N))
-            k2 = tl.load(kt_ptr + _unpack_half(kp_ptr, row_off, n_ok, NB // 2, BITS, NB, HALF,
-                                               BLOCK_N))
+            k1 = _levels(kt_ptr, kp_ptr, row_off, n_ok, 0, BITS, NB, HALF, BLOCK_N, LUT_SELECT)
+            k2 = _levels(kt_ptr, kp_ptr, row_off, n_ok, NB // 2, BITS, NB, HALF, BLOCK_N,
+                         LUT_SELECT)
             k1 = k1 * ks1[None, :] + kz1[None, :]
             k2 = k2 * ks2[None, :] + kz2[None, :]
             if HAS_SPARSE:
@@ -273,9 +321,9 @@ if HAS_TRITON:
             # values: codes -> levels -> per-token scale/zero (+ sparse)
             vz = tl.load(vz_ptr + bh.to(tl.int64) * S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             vs = tl.load(vs_ptr + bh.to(tl.int64) * S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            v1 = tl.load(vt_ptr + _unpack_half(vp_ptr, row_off, n_ok, 0, BITS, NB, HALF, BLOCK_N))
-            v2 = tl.load(vt_ptr + _unpack_half(vp_ptr, row_off, n_ok, NB // 2, BITS, NB, HALF,
-                                               BLOCK_N))
+            v1 = _levels(vt_ptr, vp_ptr, row_off, n_ok, 0, BITS, NB, HALF, BLOCK_N, LUT_SELECT)
+            v2 = _levels(vt_ptr, vp_ptr, row_off, n_ok, NB // 2, BITS, NB, HALF, BLOCK_N,
+                         LUT_SELECT)
             v1 = v1 * vs[:, None] + vz[:, None]
             v2 = v2 * vs[:, None] + vz[:, None]
             if HAS_SPARSE:
@@ -334,9 +382,10 @@ def choose_splits(batch_heads: int, seq: int, interpreted: bool = False) -> int:
 
 
 def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = None,
-                          num_warps: int = 4, num_stages: int = 2):
+                          num_warps: int = 4, num_stages: int = 2, lut_select: bool = True):
     """Launch the kernel: q (B, Hq, D) -> partial outputs (B, Hq, n_splits, D) float32 and
-    lses (B, Hq, n_splits) float32 (natural log)."""
+    lses (B, Hq, n_splits) float32 (natural log). lut_select: levels by a tree of selects on
+    the code bits (True) or by a gather from the level table (False)."""
     b, h, s, d, bits = p.shape
     hq = q.shape[1]
     g = hq // h
@@ -362,7 +411,7 @@ def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = N
         BITS=bits, D=d, BLOCK_N=p.block, BLOCK_G=max(16, triton.next_power_of_2(g)),
         E_CHUNK=32, HAS_SPARSE=has_sparse,
         DOT_DTYPE=tl.float32 if q.dtype == torch.float32 else tl.float16,
-        num_warps=num_warps, num_stages=num_stages,
+        LUT_SELECT=lut_select, num_warps=num_warps, num_stages=num_stages,
     )
     return o, lse
 

@@ -87,14 +87,14 @@ if HAS_TRITON:
     def _sparse_attention_kernel(
         q_ptr, k_ptr, v_ptr, idx_ptr, cnt_ptr, o_ptr, lse_ptr,
         q_len, group, bs, n_blocks, kv_heads, head_dim, split_len, qk_scale, causal_start,
-        n_rtiles,
+        n_rtiles, n_ctx_splits, user_start, user_len,
         sq_b, sq_h, sq_t,                   # q (b, hq, q_len, d)
         sk_b, sk_h, sk_n,                   # k (b, kv, n, d)
         sv_b, sv_h, sv_n,                   # v
         si_row,                             # indices (rows = b*kv*nb, L)
         so_b, so_h, so_t, so_s,             # o (b, hq, q_len, n_splits, d)
         sl_b, sl_h, sl_t,                   # lse (b, hq, q_len, n_splits), split stride 1
-        CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+        CAUSAL: tl.constexpr, CHUNKED: tl.constexpr, FP32_DOT: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         prog = tl.program_id(0)             # (batch, kv head, block of queries, tile of rows)
@@ -112,9 +112,23 @@ if HAS_TRITON:
         d_ok = d < head_dim
         q = tl.load(q_ptr + b * sq_b + hq[:, None] * sq_h + t[:, None] * sq_t + d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)     # (BLOCK_R, BLOCK_D)
-        count = tl.load(cnt_ptr + pid)
-        start = split * split_len
-        end = tl.minimum(start + split_len, count)
+        # splits < n_ctx_splits read kept indices; the others (chunked mode) take the user
+        # tokens user_start + j, j < the last key the block's last query sees
+        is_user = split >= n_ctx_splits
+        if CHUNKED:
+            if is_user:
+                start = (split - n_ctx_splits) * split_len
+                seen = tl.minimum(user_len, user_len - q_len + (blk + 1) * bs)
+                end = tl.minimum(start + split_len, seen)
+                idx_end = start                 # no index to read
+            else:
+                start = split * split_len
+                end = start + tl.load(cnt_ptr + pid * n_ctx_splits + split)
+                idx_end = end
+        else:
+            start = split * split_len
+            end = tl.minimum(start + split_len, tl.load(cnt_ptr + pid))
+            idx_end = end
         m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
@@ -122,7 +136,10 @@ if HAS_TRITON:
         for j0 in range(start, end, BLOCK_N):
             j = j0 + n0
             ok = j < end
-            kid = tl.load(idx_ptr + pid.to(tl.int64) * si_row + j, mask=ok, other=0).to(tl.int64)
+            kid = tl.load(idx_ptr + pid.to(tl.int64) * si_row + j, mask=j < idx_end,
+                          other=0).to(tl.int64)
+            if CHUNKED:
+                kid = tl.where(is_user, (user_start + j).to(tl.int64), kid)
             kt = tl.load(k_ptr + b * sk_b + h * sk_h + kid[:, None] * sk_n + d[None, :],
                          mask=ok[:, None] & d_ok[None, :], other=0.0)    # (BLOCK_N, BLOCK_D)
             vt = tl.load(v_ptr + b * sv_b + h * sv_h + kid[:, None] * sv_n + d[None, :],
@@ -173,10 +190,37 @@ def choose_splits(rows: int, width: int, block_n: int, target_programs: int = 26
     return max(1, min(max_splits, math.ceil(target_programs / max(rows, 1))))
 
 
+def chunked_to_flat(indices, counts, q_len: int, block_size: int | None, user_start: int = 0,
+                    user_len: int = 0):
+    """Chunked index lists (`kernels.squeezed_select.select_chunks`) plus the user tokens as
+    one flat list per block: (indices (b, kv, nb, L) int32, counts (b, kv, nb) int32)."""
+    b, kv, nb, n_chunks = counts.shape
+    chunk = indices.shape[-1] // n_chunks
+    ok = torch.arange(chunk, device=counts.device) < counts[..., None]   # (b, kv, nb, nc, ch)
+    big = torch.iinfo(torch.int32).max
+    flat = torch.where(ok, indices.reshape(b, kv, nb, n_chunks, chunk), big).flatten(3)
+    if user_len:
+        _, bs = block_layout(q_len, block_size)
+        seen = (user_len - q_len + torch.arange(1, nb + 1, device=counts.device) * bs)
+        j = torch.arange(user_len, device=counts.device)
+        user = torch.where(j[None, :] < seen.clamp_max(user_len)[:, None], user_start + j, big)
+        flat = torch.cat([flat, user[None, None].expand(b, kv, -1, -1).to(flat.dtype)], 3)
+    flat = torch.sort(flat, dim=-1).values
+    cnt = (flat != big).sum(-1).to(torch.int32)
+    return torch.where(flat == big, -1, flat).to(torch.int32), cnt
+
+
 def sparse_attention(q, k, v, indices, counts, block_size: int | None, scaling: float, *,
                      causal_start: int | None = None, n_splits: int | None = None,
-                     backend: str = "auto"):
-    """Attention of each query block over its kept key indices (see the module docstring)."""
+                     user_start: int = 0, user_len: int = 0, backend: str = "auto",
+                     tuning: dict | None = None):
+    """Attention of each query block over its kept key indices (see the module docstring).
+
+    Chunked mode: counts (b, kv, nb, n_chunks) with indices (b, kv, nb, n_chunks * chunk), as
+    `select_chunks` returns them: one split per chunk, no empty splits. There `user_len` > 0 adds
+    the user tokens k[:, :, user_start:user_start + user_len] as further splits (causal with
+    `causal_start`), so one launch covers context and user part before a single merge.
+    `tuning` overrides the launch settings (block_n, num_warps, num_stages) for benchmarks."""
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[-1] != k.shape[-1]:
         raise WorkbenchError(f"sparse_attention: expected q (b, hq, q_len, d), k and v "
                              f"(b, kv, n, d); got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -184,13 +228,20 @@ def sparse_attention(q, k, v, indices, counts, block_size: int | None, scaling: 
     b, hq, q_len, d = q.shape
     kv = k.shape[1]
     nb, bs = block_layout(q_len, block_size)
-    if hq % kv or tuple(indices.shape[:3]) != (b, kv, nb) or tuple(counts.shape) != (b, kv, nb):
+    chunked = counts.dim() == 4
+    if hq % kv or tuple(indices.shape[:3]) != (b, kv, nb) or tuple(counts.shape[:3]) != (b, kv,
+                                                                                          nb):
         raise WorkbenchError(f"sparse_attention: indices must be (b, kv, n_blocks, L) = "
-                             f"({b}, {kv}, {nb}, L) and counts ({b}, {kv}, {nb}); got "
-                             f"{tuple(indices.shape)} and {tuple(counts.shape)}.")
+                             f"({b}, {kv}, {nb}, L) and counts ({b}, {kv}, {nb}[, chunks]); "
+                             f"got {tuple(indices.shape)} and {tuple(counts.shape)}.")
+    if user_len and not chunked:
+        raise WorkbenchError("sparse_attention: user_len needs chunked counts (select_chunks).")
     which = pick_backend(backend, (q, k, v), _sparse_attention_kernel, op="sparse_attention",
                          supported_dtypes=SUPPORTED_DTYPES)
     if which == "torch":
+        if chunked:
+            indices, counts = chunked_to_flat(indices, counts, q_len, block_size, user_start,
+                                              user_len)
         return sparse_attention_reference(q, k, v, indices, counts, block_size, scaling,
                                           causal_start)
     g = hq // kv
@@ -199,28 +250,36 @@ def sparse_attention(q, k, v, indices, counts, block_size: int | None, scaling: 
     block_r = max(16, min(64, _next_pow2(g * bs)))      # rows of one program (a tile of the
     n_rtiles = math.ceil(g * bs / block_r)                # block's group * bs query rows)
     block_d = max(16, _next_pow2(d))
-    block_n = 64
+    tuning = {"block_n": 64, "num_warps": 4, **(tuning or {})}
+    block_n = tuning["block_n"]
     width = indices.shape[-1]
-    splits = n_splits or choose_splits(rows * n_rtiles, width, block_n)
-    split_len = max(block_n, math.ceil(math.ceil(width / splits) / block_n) * block_n)
-    splits = max(1, math.ceil(width / split_len)) if width else 1
+    if chunked:
+        n_ctx = counts.shape[-1]
+        split_len = width // n_ctx
+        splits = n_ctx + math.ceil(user_len / split_len)
+    else:
+        splits = n_splits or choose_splits(rows * n_rtiles, width, block_n)
+        split_len = max(block_n, math.ceil(math.ceil(width / splits) / block_n) * block_n)
+        splits = max(1, math.ceil(width / split_len)) if width else 1
+        n_ctx = splits
     o = torch.empty(b, hq, q_len, splits, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, q_len, splits, dtype=torch.float32, device=q.device)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     idx = indices.reshape(rows, width).to(torch.int32).contiguous()
-    cnt = counts.reshape(rows).to(torch.int32).contiguous()
+    cnt = counts.reshape(rows, -1).to(torch.int32).contiguous()
     _sparse_attention_kernel[(rows * n_rtiles, splits)](
         q, k, v, idx, cnt, o, lse,
         q_len, g, bs, nb, kv, d, split_len, float(scaling) * LOG2E,
-        0 if causal_start is None else int(causal_start), n_rtiles,
+        0 if causal_start is None else int(causal_start), n_rtiles, n_ctx, user_start, user_len,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), idx.stride(0),
         o.stride(0), o.stride(1), o.stride(2), o.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        CAUSAL=causal_start is not None, FP32_DOT=_fp32_dot(q, k, interp),
-        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+        CAUSAL=causal_start is not None, CHUNKED=chunked, FP32_DOT=_fp32_dot(q, k, interp),
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=tuning["num_warps"],
+        **({"num_stages": tuning["num_stages"]} if "num_stages" in tuning else {}))
     if splits == 1:
         return o[:, :, :, 0], lse[..., 0]
     return merge_attention_partials(o, lse, backend=backend)

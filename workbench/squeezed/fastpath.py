@@ -5,13 +5,15 @@ the device, no key-level mask and no host sync.
                                  dtype=torch.bfloat16)
     o = fast_squeezed_attention(plan, layer, q, k, v, block_size=16)   # (b, hq, q_len, d)
 
-Steps for one layer (launches): centroid scoring (1; hierarchical: coarse scoring, candidate
-compaction, gathered fine scoring: 3 + a few small PyTorch ops) -> threshold -> `select_indices`
-(kept key positions straight from kept centroids and 2-byte labels) -> gathered sparse attention
-over the kept context keys -> the same kernel over the user tokens, causal -> LSE merge.
-Bytes that grow with the context, per KV head: fine centroids (one-level: 5% of the keys' K
-bytes; hierarchical: the coarse level plus the kept coarse centroids' children), labels (2 bytes
-per key), and the kept K/V rows (budget * n * 2 * d * itemsize).
+Steps for one layer (launches): centroid keep flags (one-level: 2 launches over tiles of
+centroids, `centroid_keep`; hierarchical: coarse scoring, candidate compaction, gathered fine
+scoring + a few small PyTorch ops) -> `select_chunks` (kept key positions straight from kept
+centroids and 2-byte labels, compacted per chunk of the context, all chunks in parallel) ->
+one gathered sparse attention launch over the kept context keys (a split per chunk) and the
+user tokens (causal) -> one LSE merge. Bytes that grow with the context, per KV head: fine
+centroids (one-level: 5% of the keys' K bytes; hierarchical: the coarse level plus the kept
+coarse centroids' children), labels (2 bytes per key), and the kept K/V rows
+(budget * n * 2 * d * itemsize).
 """
 
 from __future__ import annotations
@@ -21,15 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.lse_merge import merge_attention_partials
 from kernels.squeezed_attention import sparse_attention
-from kernels.squeezed_lookup import (
-    block_layout,
-    block_rows,
-    centroid_scores,
-    compact_mask,
-    select_indices,
-)
+from kernels.squeezed_lookup import block_rows, centroid_scores, compact_mask
+from kernels.squeezed_select import centroid_keep, select_chunks
 from workbench.squeezed.index import SqueezedIndex
 
 
@@ -82,9 +78,8 @@ def kept_centroids(plan: DevicePlan, layer: int, q: torch.Tensor, block_size: in
                    backend: str = "auto") -> torch.Tensor:
     """(b, kv, nb, kf) bool: the fine centroids whose estimate passes the threshold."""
     if not plan.hierarchical:
-        p = centroid_scores(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
-                            block_size, backend=backend)                    # (b, kv, nb, kf)
-        return p >= plan.fine_threshold
+        return centroid_keep(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
+                             block_size, plan.fine_threshold, backend=backend)
     pc = centroid_scores(q, plan.coarse[layer], plan.coarse_log_sizes[layer], plan.scaling,
                          block_size, backend=backend)                       # (b, kv, nb, kc)
     keep_c = pc >= plan.coarse_threshold
@@ -111,19 +106,13 @@ def fast_squeezed_attention(plan: DevicePlan, layer: int, q: torch.Tensor, k: to
     k, v (b, kv, n + u, d) whose first n = plan.context_len are the fixed context.
     Returns (b, hq, q_len, d), and with return_counts also the kept counts (b, kv, n_blocks)."""
     n = plan.context_len
-    b, hq, q_len, d = q.shape
-    kv, u = k.shape[1], k.shape[2] - n
+    q_len = q.shape[2]
+    u = k.shape[2] - n
     keep = kept_centroids(plan, layer, q, block_size, backend)
-    idx, cnt = select_indices(keep, plan.labels[layer], n, plan.n_sink, plan.window,
+    idx, cnt, _ = select_chunks(keep, plan.labels[layer], n, plan.n_sink, plan.window,
+                                backend=backend)
+    # one launch: kept context keys chunk by chunk + the user tokens (causal), then one merge
+    out, _ = sparse_attention(q, k, v, idx, cnt, block_size, plan.scaling,
+                              causal_start=n + u - q_len, user_start=n, user_len=u,
                               backend=backend)
-    o1, l1 = sparse_attention(q, k[:, :, :n], v[:, :, :n], idx, cnt, block_size, plan.scaling,
-                              backend=backend)
-    nb, bs = block_layout(q_len, block_size)
-    uidx = torch.arange(u, device=q.device, dtype=torch.int32).expand(b, kv, nb, u)
-    last = u - q_len + torch.arange(1, nb + 1, device=q.device, dtype=torch.int32) * bs
-    ucnt = last.clamp_max(u).expand(b, kv, nb).contiguous()   # keys a block's last query sees
-    o2, l2 = sparse_attention(q, k[:, :, n:], v[:, :, n:], uidx, ucnt, block_size, plan.scaling,
-                              causal_start=u - q_len, backend=backend)
-    merged, _ = merge_attention_partials(torch.stack([o1, o2], dim=-2),
-                                         torch.stack([l1, l2], dim=-1), backend=backend)
-    return (merged, cnt) if return_counts else merged
+    return (out, cnt.sum(-1)) if return_counts else out

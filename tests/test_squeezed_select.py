@@ -1,0 +1,108 @@
+"""The parallel lookup kernels (centroid keep flags over tiles, chunked selection) and the chunked
+sparse attention with the user tokens in the same launch, against their PyTorch references
+(Triton's interpreter on CPU). Odd sizes, GQA, several row tiles, chunks that end mid-context."""
+
+import math
+
+import pytest
+import torch
+
+from kernels.squeezed_attention import chunked_to_flat, sparse_attention, sparse_attention_reference
+from kernels.squeezed_lookup import centroid_scores_reference, select_indices_reference
+from kernels.squeezed_select import (
+    _select_chunks_kernel,
+    centroid_keep,
+    chunk_size,
+    select_chunks,
+    select_chunks_reference,
+)
+from kernels.testing import TEST_DEVICE, assert_matches_reference, fresh_seed
+from kernels.testing import needs_triton as needs_triton_for
+from workbench.errors import WorkbenchError
+
+DEVICE = TEST_DEVICE
+needs_triton = needs_triton_for(_select_chunks_kernel)
+
+
+def _gen():
+    seed = fresh_seed()
+    return torch.Generator().manual_seed(seed), f"(seed {seed})"
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(1, 4, 2, 1, 16, 157, 32),      # decode, GQA: logits stored
+                                   (1, 6, 3, 37, 16, 97, 40),      # prefill blocks, 2 row tiles
+                                   (2, 2, 2, 5, None, 300, 16)])   # one set, 5 centroid tiles
+def test_centroid_keep_kernel(shape):
+    b, hq, kv, q_len, block, k, d = shape
+    gen, ctx = _gen()
+    q = torch.randn(b, hq, q_len, d, generator=gen).to(DEVICE)
+    c = torch.randn(kv, k, d, generator=gen).to(DEVICE)
+    ln = torch.log(torch.randint(1, 30, (kv, k), generator=gen).float()).to(DEVICE)
+    p = centroid_scores_reference(q.double(), c.double(), ln.double(), d ** -0.5, block)
+    threshold = float(p.flatten().kthvalue(max(1, int(0.8 * p.numel()))).values)
+    got = centroid_keep(q, c, ln, d ** -0.5, block, threshold, backend="triton")
+    want = p >= threshold
+    # only estimates within float32 rounding of the threshold may differ
+    near = (p - threshold).abs() <= 1e-6 * threshold
+    assert got.shape == want.shape and bool(((got == want) | near).all()), ctx
+
+
+@needs_triton
+@pytest.mark.parametrize("n, chunk", [(301, 64), (1000, 128), (2500, 2048), (4500, 4096)])
+@pytest.mark.parametrize("label_dtype", [torch.int16, torch.int32])
+def test_select_chunks_kernel(n, chunk, label_dtype):
+    gen, ctx = _gen()
+    b, kv, nb, k, n_sink, window = 1, 2, 3, 23, 4, 16
+    keep = (torch.rand(b, kv, nb, k, generator=gen) < 0.3).to(DEVICE)
+    labels = torch.randint(0, k, (kv, n - n_sink - window), generator=gen).to(DEVICE, label_dtype)
+    idx, cnt, ch = select_chunks(keep, labels, n, n_sink, window, chunk, backend="triton")
+    ridx, rcnt = select_chunks_reference(keep, labels, n, n_sink, window, chunk)
+    assert ch == chunk and torch.equal(cnt, rcnt), ctx
+    ok = (torch.arange(chunk, device=DEVICE) < cnt[..., None]).flatten(3)
+    assert torch.equal(idx[ok], ridx[ok]), ctx
+    # the same set of positions as the flat selection
+    flat, fcnt = chunked_to_flat(idx, cnt, 1, None)
+    fidx, fref = select_indices_reference(keep, labels, n, n_sink, window)
+    assert torch.equal(fcnt, fref)
+    width = min(flat.shape[-1], n)
+    valid = torch.arange(width, device=DEVICE) < fcnt[..., None]
+    assert torch.equal(flat[..., :width][valid], fidx[..., :width][valid]), ctx
+
+
+def test_chunk_size_and_bad_chunks():
+    assert chunk_size(128 * 1024, 8) == 2048          # decode, 8 KV heads: 64 chunks
+    assert chunk_size(128 * 1024, 32 * 32) == 128 * 1024
+    assert chunk_size(300, 1) == 2048
+    keep = torch.zeros(1, 1, 1, 4, dtype=torch.bool)
+    with pytest.raises(WorkbenchError, match="power of two"):
+        select_chunks(keep, torch.zeros(1, 80, dtype=torch.int32), 100, 4, 16, 100,
+                      backend="torch")
+
+
+@needs_triton
+@pytest.mark.parametrize("case", [(1, 8, 2, 1, 16, 700, 9, 128),     # decode, GQA
+                                  (1, 4, 4, 37, 16, 301, 40, 64),    # prefill blocks, odd u
+                                  (2, 6, 3, 19, None, 450, 19, 128)])  # one set, u == q_len
+def test_chunked_sparse_attention_with_user_part(case):
+    b, hq, kv, q_len, block, n, u, chunk = case
+    gen, ctx = _gen()
+    d = 32
+    q = torch.randn(b, hq, q_len, d, generator=gen).to(DEVICE, torch.bfloat16)
+    k = torch.randn(b, kv, n + u, d, generator=gen).to(DEVICE, torch.bfloat16)
+    v = torch.randn(b, kv, n + u, d, generator=gen).to(DEVICE, torch.bfloat16)
+    nb = 1 if block is None or block >= q_len else math.ceil(q_len / block)
+    keep = torch.rand(b, kv, nb, 31, generator=gen) < 0.25
+    labels = torch.randint(0, 31, (kv, n - 4 - 16), generator=gen)
+    idx, cnt = select_chunks_reference(keep, labels, n, 4, 16, chunk)
+    causal = n + u - q_len
+
+    def flat_reference(q, k, v):
+        fi, fc = chunked_to_flat(idx, cnt, q_len, block, n, u)
+        return sparse_attention_reference(q, k, v, fi, fc, block, d ** -0.5, causal)
+
+    assert_matches_reference(
+        lambda q, k, v: sparse_attention(q, k, v, idx, cnt, block, d ** -0.5,
+                                         causal_start=causal, user_start=n, user_len=u,
+                                         backend="triton"),
+        flat_reference, (q, k, v), names=("o", "lse"), context=ctx)
