@@ -173,14 +173,14 @@ class SqueezedAttention:
 @contextmanager
 def squeezed_attention(model, method: SqueezedIndex | Selector, budget: float | None = None, *,
                        hierarchical: bool = False, block_size: int | None = 16,
-                       vote: str = "mean", allocation: str = "capped", context_ids=None,
+                       vote: str = "mean", allocation: str = "layer", context_ids=None,
                        backend: str = "auto"):
     """Turn squeezed attention on for `model` inside the block; yields the `SqueezedAttention`.
 
     method: a `SqueezedIndex` (with `budget`, `hierarchical`, `block_size`, `vote`: how the
     query rows of a block combine, "mean" or "max", and `allocation`: how the budget is shared
-    out, see `SqueezedSelector`; the default "capped" never spends more than the budget on any
-    KV head and block), or any `Selector`
+    out, see `SqueezedSelector`; the default "layer" spends exactly the budget over the model,
+    "capped" at most the budget in every KV head and block), or any `Selector`
     (a baseline) together with `context_ids` or an index's context length. context_ids, when
     given, are checked against the index (a clear error for another context).
     """

@@ -34,25 +34,30 @@ def _projection(keys: torch.Tensor) -> torch.Tensor:
 
 
 def explorer_state(index, keys: list[torch.Tensor], user_queries: torch.Tensor, layer: int,
-                   head: int, budget: float, query: int, hierarchical: bool = False) -> dict:
+                   head: int, budget: float, query: int, hierarchical: bool = False,
+                   allocation: str = "layer") -> dict:
     """Everything the explorer draws for one choice (also handy to test or print).
 
-    keys: per layer (kv, n, d) context keys; user_queries (layers, hq, u, d).
+    keys: per layer (kv, n, d) context keys; user_queries (layers, hq, u, d). The kept keys are
+    what `SqueezedSelector` keeps for this query token (`allocation` as in squeezed_attention).
     """
+    from workbench.squeezed.selectors import SqueezedSelector
+
     n, ns, win = index.context_len, index.n_sink, index.window
     g = index.q_heads // index.kv_heads
     k_mid = keys[layer][head, ns:n - win].float().cpu()                     # (n_mid, d)
-    q_all = user_queries[layer][None, :, query:query + 1].float()           # (1, hq, 1, d)
-    t = index.thresholds(budget, 1, hierarchical)
+    q_all = user_queries[layer][None, :, query:query + 1].float().cpu()     # (1, hq, 1, d)
+    sel = SqueezedSelector(index, budget, hierarchical=hierarchical, block_size=1,
+                           allocation=allocation)
+    t = sel.thresholds
     p = index.estimates(layer, q_all, 1, hierarchical, t.coarse)[0, head, 0]  # (kf,)
     labels = index.labels[layer, head]                                       # (n_mid,)
-    kept_mid = p[labels] >= t.fine                                           # (n_mid,)
+    kept_all = sel.select(layer, q_all, keys[layer][None].float().cpu())[0, head, 0]  # (n,)
+    kept_mid = kept_all[ns:n - win]                                          # (n_mid,)
     # true attention of this head group's queries over the whole context
     qh = q_all[0, head * g:(head + 1) * g, 0]                                # (g, d)
     k_all = keys[layer][head].float().cpu()                                  # (n, d)
     att = torch.softmax(qh @ k_all.T * index.scaling, dim=-1).mean(0)        # (n,)
-    kept_all = torch.ones(n, dtype=torch.bool)
-    kept_all[ns:n - win] = kept_mid
     kept_frac = float(kept_all.float().mean())
     centroid_share = index.fine.shape[2] / n * 0.5                           # K only, not V
     return {
@@ -120,8 +125,8 @@ def centroid_explorer(index, keys: list[torch.Tensor], user_queries: torch.Tenso
 
 
 def budget_heatmap(kept: torch.Tensor, title: str | None = None) -> go.Figure:
-    """kept (layers, kv_heads): the share of the context each head kept under the global
-    threshold (e.g. `SqueezedAttention.kept_per_head()`)."""
+    """kept (layers, kv_heads): the share of the context each head kept (e.g.
+    `SqueezedAttention.kept_per_head()`): how the selection shared out the budget."""
     kept = kept.float().cpu()
     mean = float(kept.mean())
     fig = go.Figure(go.Heatmap(
