@@ -320,3 +320,23 @@ def test_widgets_explorer_and_heatmap(setup, monkeypatch):
     assert len(fig.data) == 3 and "keeps" in fig.layout.title.text
     heat = budget_heatmap(torch.rand(30, 3))
     assert heat.data[0].z is not None
+
+
+def test_summary_reports_spend_and_targets():
+    from workbench.squeezed.evaluate import check_targets, format_summary, summarize
+
+    def row(method, budget, nll, correct, recall, kept):
+        return {"task": "t", "method": method, "budget": budget, "nll": nll, "correct": correct,
+                "questions": 4, "recall_correct": recall, "recall_items": 10,
+                "kept_continuation": kept, "kept_questions": kept, "kept_recall": kept}
+
+    rows = [row("dense", 1.0, 2.0, 3, 6, 1.0), row("squeezed", 0.25, 2.005, 3, 6, 0.25),
+            row("streaming", 0.25, 2.1, 0, 1, 0.25), row("quest", 0.25, 2.05, 2, 3, 0.25),
+            row("squeezed", 0.125, 2.03, 2, 4, 0.13)]
+    summary = summarize(rows)
+    assert "0.250/0.250/0.250" in format_summary(summary)
+    met = {t["target"]: t["met"] for t in check_targets(summary)}
+    assert met["ppl within 1% of dense at 1/4"] and met["facts + recall equal to dense at 1/4"]
+    assert not met["ppl within 2% of dense at 1/8"]                        # +3.0%
+    assert met["ppl better than streaming and quest at 1/4"]
+    assert not met["spend within the budget at every budget"]              # 0.13 > 1/8

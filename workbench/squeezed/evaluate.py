@@ -1,22 +1,28 @@
 """Quality of squeezed attention vs KV budget on real long text, against baselines.
 
     python -m workbench.squeezed.evaluate                      # writes
-        benchmarks/results/squeezed_quality.json (3 contexts of 3,584 tokens, ~15 min on 2 cores)
+        benchmarks/results/squeezed_quality.json (3 contexts of 3,584 tokens, ~1 h on 2 busy cores)
     python -m workbench.squeezed.evaluate --tasks 1 --context-len 1024 --out /tmp  # quick look
 
 For each task (see `workbench.squeezed.tasks`) the fixed context is prefilled once (dense) and
-its cache is reused, copied, for every user input, as in the paper's setting. Two measures:
+its cache is reused, copied, for every user input, as in the paper's setting. Three measures:
 
 - continuation perplexity: the real next `continuation_len` tokens as the user input (one
   prefill call: selection per block of queries), perplexity of those tokens;
-- questions: for each fact placed far back in the context, the question as user input and a
+- facts: for each fact placed far back in the context, the question as user input and a
   greedy completion by `model.generate` (prefill + decode inside the context manager), checked
-  by substring.
+  by substring;
+- recall: lines of the real text from 5-75% deep, repeated as the user input and continued by
+  greedy decoding, checked token by token (`tasks.recall_items`; only lines the model cannot
+  continue without the context).
 
-Methods at each budget: squeezed one-level and hierarchical (per block of 16 queries), squeezed
-one-level with one key set per input (the paper's granularity), and the baselines of
-`workbench.squeezed.selectors` (StreamingLLM-like, Quest-like, random, oracle), all keeping the
-same sink (and, except StreamingLLM-like, the same observation window). Budget 1 is dense.
+Every row also records the spend: the fraction of the context's keys actually attended (sink
+and observation window included), for each measure. Methods at each budget: squeezed one-level
+and hierarchical (default: keys chosen per user token, 15% centroids, allocation "layer", which
+spends exactly the budget), the paper's uncapped threshold (`squeezed-threshold`, whose spend
+drifts), one key set per input (`squeezed-input`), and the baselines of
+`workbench.squeezed.selectors` (StreamingLLM-like, Quest-like, random, oracle) at the same
+granularity, each spending floor(budget * n) keys. Budget 1 is dense.
 """
 
 from __future__ import annotations
@@ -204,6 +210,55 @@ def summarize(rows: list[dict]) -> list[dict]:
                     **kept, "kept_max": max(v for v in kept.values() if v == v)})
     return sorted(out, key=lambda r: (-r["budget"], METHODS.index(r["method"])
                                       if r["method"] in METHODS else -1))
+
+
+def items_right(r: dict) -> tuple[int, int]:
+    """(right, asked) over the far-back items of a summary row: facts plus recall items."""
+    return (r["correct"] + r.get("recall_correct", 0),
+            r["questions"] + r.get("recall_items", 0))
+
+
+def check_targets(summary: list[dict], method: str = "squeezed") -> list[dict]:
+    """The issue's quality targets for `method`, each {"target", "value", "met"}, from a summary:
+    at 1/4 perplexity within 1% of dense and far-back items equal to dense (facts, and facts +
+    recall), at 1/8 within 2%, better perplexity and items than StreamingLLM-like and Quest-like
+    at every budget <= 1/4, and a spend (kept, max over the measures) within the budget."""
+    by = {(r["method"], r["budget"]): r for r in summary}
+    dense = by[("dense", 1.0)]
+    out = []
+
+    def add(target, value, met):
+        out.append({"method": method, "target": target, "value": value, "met": bool(met)})
+
+    for budget, limit in ((0.25, 1.0), (0.125, 2.0)):
+        r = by.get((method, budget))
+        if r is not None:
+            add(f"ppl within {limit:g}% of dense at 1/{round(1 / budget)}",
+                f"{r['ppl_change_pct']:+.2f}%", r["ppl_change_pct"] <= limit)
+    r = by.get((method, 0.25))
+    if r is not None:
+        add("facts equal to dense at 1/4", f"{r['correct']}/{r['questions']} vs "
+            f"{dense['correct']}/{dense['questions']}", r["correct"] >= dense["correct"])
+        (a, n), (da, dn) = items_right(r), items_right(dense)
+        add("facts + recall equal to dense at 1/4", f"{a}/{n} vs {da}/{dn}", a >= da)
+    for budget in sorted({b for m, b in by if m == method and b <= 0.25}, reverse=True):
+        r = by[(method, budget)]
+        rivals = [by[(m, budget)] for m in ("streaming", "quest") if (m, budget) in by]
+        if not rivals:
+            continue
+        best = min(x["ppl"] for x in rivals)
+        add(f"ppl better than streaming and quest at 1/{round(1 / budget)}",
+            f"{r['ppl']:.3f} vs {best:.3f}", r["ppl"] < best)
+        best_items = max(items_right(x)[0] for x in rivals)
+        add(f"items better than streaming and quest at 1/{round(1 / budget)}",
+            f"{items_right(r)[0]} vs {best_items}", items_right(r)[0] > best_items)
+    spends = [(x["budget"], x["kept_max"]) for x in summary
+              if x["method"] == method and "kept_max" in x]
+    if spends:
+        worst = max(k - b for b, k in spends)
+        add("spend within the budget at every budget", f"max kept - budget {worst:+.4f}",
+            worst <= 1e-6)
+    return out
 
 
 def format_summary(summary: list[dict]) -> str:
