@@ -135,12 +135,19 @@ def random_plan(shape: Shape, n: int, q: torch.Tensor, budget: float, hierarchic
     if hierarchical:
         pc = centroid_scores(q, plan.coarse, plan.coarse_log_sizes, plan.scaling, block_size,
                              backend="torch")
-        plan.coarse_threshold = weighted_threshold(
-            pc, csizes.to(device)[None, :, None].expand_as(pc), min(1.0, 3 * frac))
+        plan.coarse_threshold = _between(pc, weighted_threshold(
+            pc, csizes.to(device)[None, :, None].expand_as(pc), min(1.0, 3 * frac)))
     # fine threshold on the estimates the path will compute (one-level or hierarchical)
     p = _estimates_for_threshold(plan, q, block_size)
-    plan.fine_threshold = weighted_threshold(p, w[None, :, None].expand_as(p), frac)
+    plan.fine_threshold = _between(p, weighted_threshold(p, w[None, :, None].expand_as(p), frac))
     return plan
+
+
+def _between(values: torch.Tensor, threshold: float) -> float:
+    """The threshold moved halfway to the next smaller value, so that no estimate ties with it
+    (a tie would make kernel and reference keep different sets over a rounding difference)."""
+    below = values[values < threshold]
+    return threshold if below.numel() == 0 else (threshold + float(below.max())) / 2
 
 
 def _estimates_for_threshold(plan: DevicePlan, q, block_size):
@@ -447,11 +454,17 @@ def targets(rows: list[dict]) -> dict:
             speedups = [s for s in (r["speedup"], r.get("graph_speedup")) if s]
             best = max(speedups) if speedups else None
             gather = sel.get("gather + sdpa", {}).get("median_ms")
+            variants = {k: max(x for x in (v["speedup"], v.get("graph_speedup")) if x)
+                        for k, v in sel.items() if k.startswith("squeezed")
+                        and (v["speedup"] or v.get("graph_speedup"))}
+            best_variant = max(variants, key=variants.get) if variants else None
             out[name] = {"speedup_vs_dense": best, "target": need,
                          "met": bool(best and best >= need),
                          "vs_gather_sdpa": gather / r["median_ms"] if gather and
                          r["median_ms"] else None,
                          "floor_ratio": r.get("floor_ratio"),
+                         "best_variant": best_variant,
+                         "best_variant_speedup": variants.get(best_variant),
                          "floor_target_met": (r.get("floor_ratio") or 99) <= 1.5
                          if mode == "decode" else None}
     return out

@@ -5,8 +5,10 @@ centroid_keep(q, centroids, log_sizes, scaling, block_size, threshold) -> keep
     keep (b, kv, n_blocks, k) bool: p_k >= threshold, with p_k the estimated per-key attention of
     `kernels.squeezed_lookup.centroid_scores` (softmax over the centroids weighted by their
     sizes, averaged over the block's rows: the query heads of a KV head's group vote together).
-    Three launches; the first and last over (batch, KV head, block) x tiles of BLOCK_K
-    centroids, so a decode step spreads over hundreds of programs instead of one per KV head:
+    Three launches; the first and last over (batch, KV head) x tiles of BLOCK_K centroids (a
+    decode step spreads over hundreds of programs instead of one per KV head; each program
+    loads its centroid tile once and visits every block of queries, so prefill does not re-read
+    the centroids once per block):
       1. partial log-sum-exp (max, sum) of every row over the tile (and, for few rows, the
          logits themselves, so the centroids are read once);
       2. merge each row's partials into lse_r (once per row, not once per tile);
@@ -96,19 +98,24 @@ if HAS_TRITON:
         return x, r, row_ok
 
     @triton.jit
-    def _tile_logits(x, c_ptr, ln_ptr, h, kk, n_cent, head_dim, scaling, sc_h, sc_k, sl_h,
-                     FP32_DOT: tl.constexpr, BLOCK_D: tl.constexpr):
-        """s_rk + log N_k for a tile of centroids kk: (BLOCK_R, BLOCK_K), -inf past n_cent."""
+    def _centroid_tile(c_ptr, ln_ptr, h, kk, n_cent, head_dim, sc_h, sc_k, sl_h,
+                       BLOCK_D: tl.constexpr):
+        """A tile of centroids kk of KV head h: (BLOCK_K, BLOCK_D) and log sizes (BLOCK_K,)."""
         d = tl.arange(0, BLOCK_D)
         ok = kk < n_cent
         c = tl.load(c_ptr + h * sc_h + kk[:, None].to(tl.int64) * sc_k + d[None, :],
                     mask=ok[:, None] & (d < head_dim)[None, :], other=0.0)
+        ln = tl.load(ln_ptr + h * sl_h + kk, mask=ok, other=float("-inf"))
+        return c, ln
+
+    @triton.jit
+    def _tile_logits(x, c, ln, kk, n_cent, scaling, FP32_DOT: tl.constexpr):
+        """s_rk + log N_k for the tile: (BLOCK_R, BLOCK_K), -inf past n_cent."""
         if FP32_DOT:
             s = tl.dot(x, tl.trans(c.to(tl.float32)), input_precision="ieee")
         else:
             s = tl.dot(x, tl.trans(c.to(x.dtype)))
-        ln = tl.load(ln_ptr + h * sl_h + kk, mask=ok, other=float("-inf"))
-        return tl.where(ok[None, :], s * scaling + ln[None, :], float("-inf"))
+        return tl.where((kk < n_cent)[None, :], s * scaling + ln[None, :], float("-inf"))
 
     @triton.jit
     def _keep_partial_kernel(
@@ -118,25 +125,29 @@ if HAS_TRITON:
         STORE: tl.constexpr, FP32_DOT: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        pid = tl.program_id(0)                  # (batch, kv head, block)
-        kt = tl.program_id(1)                   # tile of centroids
-        blk = pid % n_blocks
-        h = (pid // n_blocks) % kv_heads
-        b = pid // (n_blocks * kv_heads)
+        bh = tl.program_id(0)                   # (batch, kv head): every block of queries
+        kt = tl.program_id(1)                   # tile of centroids, loaded once
+        h = bh % kv_heads
+        b = bh // kv_heads
         kk = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-        for r0 in range(0, group * bs, BLOCK_R):
-            x, r, row_ok = _block_queries(q_ptr, b, h, blk, r0, q_len, group, bs, head_dim,
-                                          sq_b, sq_h, sq_t, FP32_DOT, BLOCK_R, BLOCK_D)
-            s = _tile_logits(x, c_ptr, ln_ptr, h, kk, n_cent, head_dim, scaling, sc_h, sc_k,
-                             sl_h, FP32_DOT, BLOCK_D)                      # (BLOCK_R, BLOCK_K)
-            m = tl.max(s, axis=1)
-            l_sum = tl.sum(tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None]), axis=1)
-            row = pid.to(tl.int64) * n_rows_pad + r
-            tl.store(m_ptr + row * n_tiles + kt, m, mask=r < n_rows_pad)
-            tl.store(l_ptr + row * n_tiles + kt, l_sum, mask=r < n_rows_pad)
-            if STORE:
-                tl.store(s_ptr + row[:, None] * n_cent + kk[None, :], s,
-                         mask=row_ok[:, None] & (kk < n_cent)[None, :])
+        c, ln = _centroid_tile(c_ptr, ln_ptr, h, kk, n_cent, head_dim, sc_h, sc_k, sl_h,
+                               BLOCK_D)
+        for blk in range(0, n_blocks):
+            pid = bh * n_blocks + blk           # the (batch, kv head, block) row
+            for r0 in range(0, group * bs, BLOCK_R):
+                x, r, row_ok = _block_queries(q_ptr, b, h, blk, r0, q_len, group, bs,
+                                              head_dim, sq_b, sq_h, sq_t, FP32_DOT, BLOCK_R,
+                                              BLOCK_D)
+                s = _tile_logits(x, c, ln, kk, n_cent, scaling, FP32_DOT)
+                m = tl.max(s, axis=1)
+                l_sum = tl.sum(tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None]),
+                               axis=1)
+                row = pid.to(tl.int64) * n_rows_pad + r
+                tl.store(m_ptr + row * n_tiles + kt, m, mask=r < n_rows_pad)
+                tl.store(l_ptr + row * n_tiles + kt, l_sum, mask=r < n_rows_pad)
+                if STORE:
+                    tl.store(s_ptr + row[:, None] * n_cent + kk[None, :], s,
+                             mask=row_ok[:, None] & (kk < n_cent)[None, :])
 
     @triton.jit
     def _keep_lse_kernel(m_ptr, l_ptr, lse_ptr, n_rows_pad, n_tiles,
@@ -169,33 +180,39 @@ if HAS_TRITON:
         STORE: tl.constexpr, FP32_DOT: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        pid = tl.program_id(0)
+        bh = tl.program_id(0)
         kt = tl.program_id(1)
-        blk = pid % n_blocks
-        h = (pid // n_blocks) % kv_heads
-        b = pid // (n_blocks * kv_heads)
+        h = bh % kv_heads
+        b = bh // kv_heads
         kk = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-        n_valid = tl.minimum(bs, q_len - blk * bs) * group
-        p = tl.zeros([BLOCK_K], tl.float32)
-        for r0 in range(0, group * bs, BLOCK_R):
-            x, r, row_ok = _block_queries(q_ptr, b, h, blk, r0, q_len, group, bs, head_dim,
-                                          sq_b, sq_h, sq_t, FP32_DOT, BLOCK_R, BLOCK_D)
-            row = pid.to(tl.int64) * n_rows_pad + r
-            lse = tl.load(lse_ptr + row, mask=r < n_rows_pad, other=float("-inf"))
-            if STORE:
-                s = tl.load(s_ptr + row[:, None] * n_cent + kk[None, :],
-                            mask=row_ok[:, None] & (kk < n_cent)[None, :], other=float("-inf"))
-            else:
-                s = _tile_logits(x, c_ptr, ln_ptr, h, kk, n_cent, head_dim, scaling, sc_h,
-                                 sc_k, sl_h, FP32_DOT, BLOCK_D)
-            ln = tl.load(ln_ptr + h * sl_h + kk, mask=kk < n_cent, other=0.0)
-            use = row_ok[:, None] & ((kk < n_cent) & (ln != float("-inf")))[None, :] \
-                & (lse != float("-inf"))[:, None]
-            lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
-            # s holds s_rk + log N_k: the per-key estimate is exp(s_rk - lse_r)
-            p += tl.sum(tl.where(use, tl.exp(s - ln[None, :] - lse_safe[:, None]), 0.0), axis=0)
-        keep = (p / n_valid) >= threshold
-        tl.store(keep_ptr + pid.to(tl.int64) * n_cent + kk, keep.to(tl.int8), mask=kk < n_cent)
+        c, ln = _centroid_tile(c_ptr, ln_ptr, h, kk, n_cent, head_dim, sc_h, sc_k, sl_h,
+                               BLOCK_D)
+        for blk in range(0, n_blocks):
+            pid = bh * n_blocks + blk
+            n_valid = tl.minimum(bs, q_len - blk * bs) * group
+            p = tl.zeros([BLOCK_K], tl.float32)
+            for r0 in range(0, group * bs, BLOCK_R):
+                x, r, row_ok = _block_queries(q_ptr, b, h, blk, r0, q_len, group, bs,
+                                              head_dim, sq_b, sq_h, sq_t, FP32_DOT, BLOCK_R,
+                                              BLOCK_D)
+                row = pid.to(tl.int64) * n_rows_pad + r
+                lse = tl.load(lse_ptr + row, mask=r < n_rows_pad, other=float("-inf"))
+                if STORE:
+                    s = tl.load(s_ptr + row[:, None] * n_cent + kk[None, :],
+                                mask=row_ok[:, None] & (kk < n_cent)[None, :],
+                                other=float("-inf"))
+                else:
+                    s = _tile_logits(x, c, ln, kk, n_cent, scaling, FP32_DOT)
+                use = row_ok[:, None] & ((kk < n_cent) & (ln != float("-inf")))[None, :] \
+                    & (lse != float("-inf"))[:, None]
+                lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+                # s holds s_rk + log N_k: the per-key estimate is exp(s_rk - lse_r)
+                ln_safe = tl.where(ln == float("-inf"), 0.0, ln)
+                p += tl.sum(tl.where(use, tl.exp(s - ln_safe[None, :] - lse_safe[:, None]),
+                                     0.0), axis=0)
+            keep = (p / n_valid) >= threshold
+            tl.store(keep_ptr + pid.to(tl.int64) * n_cent + kk, keep.to(tl.int8),
+                     mask=kk < n_cent)
 
     @triton.jit
     def _select_chunks_kernel(keep_ptr, lab_ptr, idx_ptr, cnt_ptr, n, n_sink, window, n_blocks,
@@ -266,17 +283,17 @@ def centroid_keep(q, centroids, log_sizes, scaling: float, block_size: int | Non
             q.stride(0), q.stride(1), q.stride(2), c.stride(0), c.stride(1), ln.stride(0))
     meta = dict(STORE=store, FP32_DOT=_fp32_dot(q, c, interp), BLOCK_R=block_r,
                 BLOCK_K=block_k, BLOCK_D=max(16, _next_pow2(d)), num_warps=4)
-    _keep_partial_kernel[(rows, n_tiles)](q, c, ln, m, l_sum, s, *args, **meta)
+    _keep_partial_kernel[(b * kv, n_tiles)](q, c, ln, m, l_sum, s, *args, **meta)
     lse = torch.empty(rows, n_rows_pad, dtype=torch.float32, device=q.device)
     block_t = min(64, max(16, _next_pow2(n_tiles)))
     _keep_lse_kernel[(rows, n_rows_pad // block_r)](m, l_sum, lse, n_rows_pad, n_tiles,
                                                     BLOCK_R=block_r, BLOCK_T=block_t)
-    _keep_final_kernel[(rows, n_tiles)](q, c, ln, lse, s, keep.view(torch.int8),
+    _keep_final_kernel[(b * kv, n_tiles)](q, c, ln, lse, s, keep.view(torch.int8),
                                         float(threshold), *args, **meta)
     return keep
 
 
-def chunk_size(n: int, rows: int, target_programs: int = 1024) -> int:
+def chunk_size(n: int, rows: int, target_programs: int = 8192) -> int:
     """Positions per chunk: about `target_programs` (batch, KV head, block, chunk) programs (an
     H200 has 132 SMs), at least SUB positions, a multiple of SUB."""
     want = math.ceil(n * rows / target_programs)

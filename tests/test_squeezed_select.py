@@ -72,7 +72,7 @@ def test_select_chunks_kernel(n, chunk, label_dtype):
 
 def test_chunk_size_and_bad_chunks():
     assert chunk_size(128 * 1024, 8) == 2048          # decode, 8 KV heads: 64 chunks
-    assert chunk_size(128 * 1024, 32 * 32) == 128 * 1024
+    assert chunk_size(128 * 1024, 32 * 32) == 16 * 1024   # prefill blocks: 8 chunks a row
     assert chunk_size(300, 1) == 2048
     keep = torch.zeros(1, 1, 1, 4, dtype=torch.bool)
     with pytest.raises(WorkbenchError, match="power of two"):
