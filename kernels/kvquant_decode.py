@@ -17,6 +17,17 @@ product on the tensor cores), rotate the keys, scores for the G query heads of t
 (GQA) on the tensor cores, online softmax, value product. Each split writes a partial output and
 its log-sum-exp; `kernels.lse_merge` merges the splits.
 
+Why this kernel is slower than fp16 SDPA on an H200 (measured, benchmarks/results/
+kvquant_decode_h200.json: nuq3 without outliers 2.2 ms vs SDPA 0.49 ms at 128K, 32 KV heads): it
+is bound by CUDA-core arithmetic, not bytes. An H200 streams fp16 K/V at ~4.3 TB/s, i.e. ~2.2 G
+elements/ms, while its 132 SMs issue ~33.5 G lane-ops/ms: SDPA's break-even is ~15 ops per
+dequantized element, and 3x faster than SDPA leaves ~5. Each element here costs bit unpacking
+(3 planes), the level lookup (a tree of 7 selects at 3 bits; 15 at 4 bits, where the table
+gather is faster), scale/zero, and RoPE via angle addition: ~69 lane-ops per element measured.
+The paper's 1.7x was on an A6000 (768 GB/s, ~100 ops of break-even). Beating SDPA here needs
+packed 16-bit math (f16x2), byte-permute lookups (`prmt`, 4 per instruction) through inline
+PTX and an outlier pass outside the dense loop, not a retuned version of this kernel.
+
 Bytes read per token and KV head at D=128, 3 bits: 48 (key codes) + 48 (value codes) + 4
 (value zero/scale) + ~4 per sparse entry (about 1% of 2*D elements: ~10) = ~110, against 512 for
 fp16 keys and values: about 4.6x fewer.
