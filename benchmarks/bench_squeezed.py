@@ -25,7 +25,7 @@ Variants per case:
   lookup only         centroid keep flags + chunked selection of the kept positions.
   sparse attn only    the gathered sparse kernel over given chunked indices (context part);
                       with --tune also at other launch settings (block_n, warps, stages).
-  squeezed            the full kernel path, lookup included: centroid scoring, select_indices,
+  squeezed            the full kernel path, lookup included: centroid keep flags, select_chunks,
                       sparse attention of context and user parts, LSE merge (one-level).
   squeezed-hier       the same with the two-level lookup.
   squeezed (1 set)    prefill only: one key set for all 512 user queries (the paper's choice).
@@ -65,6 +65,7 @@ from benchmarks.harness import (
 from kernels.dispatch import HAS_TRITON, is_interpreted
 from kernels.squeezed_attention import (
     _sparse_attention_kernel,
+    chunked_to_flat,
     sparse_attention,
     sparse_attention_reference,
 )
@@ -73,8 +74,6 @@ from kernels.squeezed_lookup import (
     centroid_scores_reference,
     compact_mask,
     compact_mask_reference,
-    select_indices,
-    select_indices_reference,
 )
 from kernels.squeezed_select import (
     centroid_keep,
@@ -249,10 +248,6 @@ def check_correctness(device: str) -> list[str]:
                 names=("p",), context=f"(centroid_scores seed {seed})")
             keep = (torch.rand(b, kv, nb, 97, generator=gen) < 0.2).to(device)
             labels = torch.randint(0, 97, (kv, n - 20), generator=gen).to(device, torch.int16)
-            si, sc = select_indices(keep, labels, n, 4, 16, backend="triton")
-            ri, rc = select_indices_reference(keep, labels, n, 4, 16)
-            ok = torch.arange(n, device=device) < rc[..., None]
-            assert torch.equal(sc, rc) and torch.equal(si[ok], ri[ok]), "select_indices"
             thr = float(centroid_scores_reference(q.double(), c.double(), ln.double(),
                                                   d ** -0.5, block).median())
             got_keep = centroid_keep(q, c, ln, d ** -0.5, block, thr, backend="triton")
@@ -356,8 +351,9 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
                                                   device))
     # one key set per KV head (for the gather baseline), and per-block lists for the kernel
     keep_one = kept_centroids(plans[(False, None)], 0, q, None, backend)
-    idx1, cnt1 = select_indices(keep_one, plans[(False, None)].labels[0], n, 4, 64,
-                                backend=backend)
+    idx1, cnt1, _ = select_chunks(keep_one, plans[(False, None)].labels[0], n, 4, 64,
+                                  backend=backend)
+    idx1, cnt1 = chunked_to_flat(idx1, cnt1, q_len, None)                  # ascending, -1 pads
     m = int(cnt1.min())
     idx_one = idx1[:, :, 0, :m].long()                                      # (1, kv, m)
     impls["gather + sdpa"] = lambda: gather_sdpa(q, k, v, idx_one, n, scaling)

@@ -14,12 +14,11 @@ centroid_scores(q, centroids, log_sizes, scaling, block_size, indices=, counts=,
     the centroids twice: pass 1 builds lse_r with an online log-sum-exp, pass 2 writes p_k.
     Bytes: centroids read twice (2 * k * d * 4) + queries once + p written once (4k).
 
-select_indices(keep, labels, n, n_sink, window) -> (indices, counts)
-    The kept key positions of a context of n keys, straight from the per-centroid decision:
-    position p is kept when p < n_sink or p >= n - window (always), or when its cluster
-    labels[p - n_sink] is kept. keep (b, kv, n_blocks, k) bool; labels (kv, n - n_sink - window)
-    int16/int32. Same scan as compaction, but it reads 2 bytes of label per key instead of a
-    key-level mask that would have to be built (and written) first.
+select_indices_reference(keep, labels, n, n_sink, window) -> (indices, counts)
+    The kept key positions of one flat list per row (the readable reference); the kernel that
+    selects them on a GPU, chunk by chunk, is `kernels.squeezed_select.select_chunks`, which
+    also computes the one-level keep flags in parallel. `centroid_scores` here serves the
+    hierarchical lookup (gathered candidate lists with extra denominator mass).
 
 compact_mask(mask) -> (indices, counts)
     mask (..., n) bool -> indices (..., n) int32 holding the True positions in increasing order,
@@ -234,31 +233,9 @@ if HAS_TRITON:
                      mask=(offs < n) & (offs >= total))
         tl.store(cnt_ptr + row, total)
 
-    @triton.jit
-    def _select_kernel(keep_ptr, lab_ptr, idx_ptr, cnt_ptr, n, n_sink, window, n_blocks,
-                       kv_heads, sk_row, sl_h, si_row, BLOCK: tl.constexpr):
-        row = tl.program_id(0)                              # (batch, kv head, block)
-        h = (row // n_blocks) % kv_heads
-        row64 = row.to(tl.int64)
-        offs0 = tl.arange(0, BLOCK)
-        total = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
-        for s0 in range(0, n, BLOCK):
-            offs = s0 + offs0
-            inb = offs < n
-            fixed = (offs < n_sink) | (offs >= n - window)
-            mid = inb & ~fixed
-            lab = tl.load(lab_ptr + h * sl_h + (offs - n_sink), mask=mid, other=0)
-            kept = tl.load(keep_ptr + row64 * sk_row + lab, mask=mid, other=0) != 0
-            m = ((inb & fixed) | (mid & kept)).to(tl.int32)
-            pos = total + tl.cumsum(m, axis=0) - 1
-            tl.store(idx_ptr + row64 * si_row + pos, offs.to(tl.int32), mask=m != 0)
-            total += tl.sum(m, axis=0)
-        tl.store(cnt_ptr + row, total)
-
 else:
     _centroid_scores_kernel = None
     _compact_kernel = None
-    _select_kernel = None
 
 
 def _fp32_dot(q: torch.Tensor, other: torch.Tensor, interpreted: bool) -> bool:
@@ -347,28 +324,3 @@ def compact_mask(mask: torch.Tensor, backend: str = "auto") -> tuple[torch.Tenso
     else:
         cnt.zero_()
     return idx.view(mask.shape), cnt.view(mask.shape[:-1])
-
-
-def select_indices(keep: torch.Tensor, labels: torch.Tensor, n: int, n_sink: int, window: int,
-                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Kept key positions from kept centroids (see the module docstring). Returns (indices
-    (b, kv, nb, n) int32, counts (b, kv, nb) int32). The reference pads with -1; the kernel
-    leaves positions past counts unwritten (nothing reads them)."""
-    if keep.dtype != torch.bool or keep.dim() != 4 or labels.shape != (keep.shape[1],
-                                                                      n - n_sink - window):
-        raise WorkbenchError(f"select_indices: expected keep (b, kv, nb, k) bool and labels "
-                             f"(kv, {n - n_sink - window}); got {keep.dtype} "
-                             f"{tuple(keep.shape)} and {tuple(labels.shape)}.")
-    which = pick_backend(backend, (keep, labels), _select_kernel, op="select_indices")
-    if which == "torch":
-        return select_indices_reference(keep, labels, n, n_sink, window)
-    b, kv, nb, k = keep.shape
-    kp = keep.contiguous().view(torch.uint8).reshape(b * kv * nb, k)
-    lab = labels if labels.dtype in (torch.int16, torch.int32) and labels.is_contiguous() \
-        else labels.to(torch.int32).contiguous()
-    idx = torch.empty(b, kv, nb, n, dtype=torch.int32, device=keep.device)
-    cnt = torch.empty(b, kv, nb, dtype=torch.int32, device=keep.device)
-    block = 4096 if is_interpreted(_select_kernel) else min(2048, _next_pow2(n))
-    _select_kernel[(b * kv * nb,)](kp, lab, idx, cnt, n, n_sink, window, nb, kv, kp.stride(0),
-                                   lab.stride(0), n, BLOCK=block)
-    return idx, cnt

@@ -1,4 +1,4 @@
-"""The kernel path of squeezed attention (lookup -> select_indices -> sparse attention -> merge)
+"""The kernel path of squeezed attention (lookup -> select_chunks -> sparse attention -> merge)
 equals the readable CPU path (selector mask -> masked attention -> merge), one-level and
 hierarchical, prefill and decode, with the kernels in Triton's interpreter."""
 

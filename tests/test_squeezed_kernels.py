@@ -158,19 +158,3 @@ def test_context_attention_kernel_path_equals_masked_cpu_path():
     want = masked_context_attention(q, k, v, mask, block, d ** -0.5)
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5, msg=ctx)
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5, msg=ctx)
-
-
-@needs_triton
-@pytest.mark.parametrize("label_dtype", [torch.int16, torch.int32])
-def test_select_indices_kernel(label_dtype):
-    from kernels.squeezed_lookup import select_indices, select_indices_reference
-
-    gen, ctx = _gen()
-    b, kv, nb, k, n, n_sink, window = 2, 3, 2, 17, 301, 4, 9
-    keep = (torch.rand(b, kv, nb, k, generator=gen) < 0.3).to(DEVICE)
-    labels = torch.randint(0, k, (kv, n - n_sink - window), generator=gen).to(DEVICE, label_dtype)
-    idx, cnt = select_indices(keep, labels, n, n_sink, window, backend="triton")
-    want_idx, want_cnt = select_indices_reference(keep, labels, n, n_sink, window)
-    assert torch.equal(cnt, want_cnt), ctx
-    valid = torch.arange(n, device=DEVICE) < cnt[..., None]
-    assert torch.equal(idx[valid], want_idx[valid]), ctx
