@@ -362,6 +362,18 @@ def replay(row: dict, tool_latency: float, llm_scale: float = 1.0) -> dict:
     return {"llmcompiler": compiler, "react": react, "speedup": react / compiler}
 
 
+def replay_against(base: dict, other: dict) -> dict:
+    """Check the replay out of sample: replay `base`'s rows at `other`'s tool latency and compare
+    with `other`'s measured speedups (same requests, a separate run)."""
+    by_id = {r["id"]: r for r in base["rows"]}
+    pairs = [(r["speedup"], replay(by_id[r["id"]], other["tool_latency_s"])["speedup"])
+             for r in other["rows"] if r["id"] in by_id]
+    return {"tool_latency_s": other["tool_latency_s"], "n": len(pairs),
+            "measured": [m for m, _ in pairs], "replayed": [round(p, 2) for _, p in pairs],
+            "measured_median": round(statistics.median(m for m, _ in pairs), 2),
+            "replayed_median": round(statistics.median(p for _, p in pairs), 2)}
+
+
 def sweep(rows: list[dict], latencies=(0.5, 1, 2, 5, 10, 20), scales=(1.0, 0.1, 0.02)) -> list:
     """Median replayed speedup for each tool latency and LLM speed (1.0 = this machine)."""
     out = []
