@@ -99,7 +99,32 @@ def test_method_names_and_errors():
         method("gptq", 3)
     with pytest.raises(WorkbenchError, match="bit width"):
         method("kivi")
-    assert ablation(3)[-1].name.endswith("KVQuant)") and len(leave_one_out(3)) == 8
+    assert ablation(3)[-1].name.endswith("KVQuant)") and len(leave_one_out(3)) == 9
+    assert ablation(3)[-1] == replace(method("nuq3-1%"), name=ablation(3)[-1].name)
+    # Fisher-allocated key outliers by default at 2-3 bits, the paper's per-channel split at 4
+    assert method("nuq3-1%").key_outliers == "fisher" and method("nuq4-1%").key_outliers == "channel"
+    with pytest.raises(WorkbenchError, match="key_outliers"):
+        method("nuq3-1%", key_outliers="global")
+
+
+def test_allocated_channel_ranges():
+    """One outlier budget shared by sensitivity: the heavy-tailed channel gets more outliers,
+    the total stays at the fraction, and a channel without Fisher weight gets none."""
+    from workbench.kvquant.calibration import _channel_ranges, allocated_channel_ranges
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 1, 8, generator=gen)
+    x[:, 0, 0] = torch.distributions.StudentT(2.0).sample((4000,))      # heavy tails
+    fisher = torch.ones_like(x)
+    fisher[:, 0, 7] = 0.0
+    lo, hi = allocated_channel_ranges(x, fisher, 0.01)
+    out = (x < lo) | (x > hi)                                           # (M, 1, 8)
+    per_channel = out.float().mean(0)[0]
+    assert abs(float(out.float().mean()) - 0.01) < 0.002
+    assert per_channel[0] > 0.02 and per_channel[7] == 0
+    q_lo, q_hi = _channel_ranges(x, 0.01)
+    w = fisher.mean(0)
+    assert float((w * (hi - lo) ** 2).sum()) < float((w * (q_hi - q_lo) ** 2).sum())
 
 
 # ---- quantizers ------------------------------------------------------------------------------
@@ -209,6 +234,7 @@ def test_calibrate_save_load(model_tok, tmp_path, text_ids):
     model, tok = model_tok
     cal = calibrate(model, ids=text_ids[:, :160].repeat(4, 1), progress=False)
     assert cal.tensors["k.pre.0.01.lo"].shape == (30, 3, 64)
+    assert cal.tensors["k.pre.0.01a.hi"].shape == (30, 3, 64)          # Fisher-allocated
     path = cal.save(tmp_path / "c.safetensors")
     again = Calibration.load(path, model)
     assert torch.equal(again.tensors["v.0.01.fisher"], cal.tensors["v.0.01.fisher"])
@@ -228,6 +254,10 @@ def test_bad_input_errors(model_tok, calib):
         KVQuantCache(model, "nuq3-1%", other)
     with pytest.raises(WorkbenchError, match="outlier fractions"):
         KVQuantCache(model, replace(method("nuq3-1%"), outlier_fraction=0.05), calib)
+    # the checksum's last digits depend on the thread count; other shapes still refuse
+    near = {**calib.settings["model"]}
+    near["k_proj_checksum"] += 1e-3
+    Calibration(dict(calib.tensors), {**calib.settings, "model": near}).check_model(model)
     with pytest.raises(WorkbenchError, match="No calibration file"):
         Calibration.load("/nonexistent/file.safetensors")
 

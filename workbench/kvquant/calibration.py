@@ -9,7 +9,9 @@ What is measured, per layer (forward + backward passes of the real model, weight
   their Fisher information: the squared gradient of the language-model loss with respect to
   each of those activations (post-RoPE gradients are the pre-RoPE ones rotated).
 - per-channel key ranges (H, D): the outlier_fraction/2 and 1 - outlier_fraction/2 quantiles
-  over calibration tokens (min and max for fraction 0), pre- and post-RoPE.
+  over calibration tokens (min and max for fraction 0), pre- and post-RoPE; and, for each
+  fraction > 0, ranges whose outlier budget is shared across the layer's channels by Fisher
+  information (`allocated_channel_ranges`, variant suffix "a").
 - histograms (n_bins over [-1, 1]) of the normalized inlier values, as counts and as summed
   Fisher information: the level tables for any bit width come from these by 1-D k-means in
   milliseconds (`levels.kmeans_levels`), so one calibration serves every method and bit width.
@@ -49,7 +51,8 @@ class Calibration:
     """Calibration results for one model (see the module docstring).
 
     tensors: "k.pre.<f>.lo"/".hi" (layers, H, D) key ranges; "<var>.count"/".fisher"
-    (layers, n_bins) histograms for var in k.pre.<f>, k.post.<f>, v.<f>.
+    (layers, n_bins) histograms for var in k.pre.<f>, k.post.<f>, v.<f>; "k.pre.<f>a" and
+    "k.post.<f>a" are the same with Fisher-allocated outlier thresholds.
     settings: how it was made (text source, windows, fractions, bins) and the model fingerprint.
     """
 
@@ -73,7 +76,13 @@ class Calibration:
         return _fkey(spec.outlier_fraction)
 
     def key_variant(self, spec: QuantSpec) -> str:
-        return f"k.{'pre' if spec.pre_rope else 'post'}.{self._fraction(spec)}"
+        alloc = "a" if spec.key_outliers == "fisher" and spec.outlier_fraction > 0 else ""
+        var = f"k.{'pre' if spec.pre_rope else 'post'}.{self._fraction(spec)}{alloc}"
+        if f"{var}.lo" not in self.tensors:
+            raise WorkbenchError("This calibration file has no Fisher-allocated key outlier "
+                                 "ranges (made by an older version): recalibrate, or use "
+                                 "key_outliers='channel'.")
+        return var
 
     def value_variant(self, spec: QuantSpec) -> str:
         return f"v.{self._fraction(spec)}"
@@ -114,7 +123,12 @@ class Calibration:
     def check_model(self, model) -> None:
         """Raise if this calibration was made for another model."""
         mine, theirs = self.settings["model"], model_fingerprint(model)
-        diff = [k for k in mine if k != "model" and mine[k] != theirs.get(k)]
+        def same(k):                        # the checksum is a float sum: its last digits
+            a, b = mine[k], theirs.get(k)  # depend on the thread count that summed it
+            if k == "k_proj_checksum" and isinstance(b, float):
+                return abs(a - b) <= 1e-4 * max(1.0, abs(a))
+            return a == b
+        diff = [k for k in mine if k != "model" and not same(k)]
         if diff:
             raise WorkbenchError(
                 f"This calibration was made for model {mine['model']!r} ({mine['layers']} layers, "
@@ -213,6 +227,48 @@ def _channel_ranges(x: torch.Tensor, fraction: float) -> tuple[torch.Tensor, tor
     return lo, hi
 
 
+def allocated_channel_ranges(x: torch.Tensor, fisher: torch.Tensor, fraction: float,
+                             grid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ranges whose outliers share one budget by sensitivity.
+
+    x, fisher (M, H, D) -> lo, hi (H, D). Channel c drops its j_lo smallest and j_hi largest
+    calibration values (j from `grid`, counts of tokens) so that sum_c F_c * (hi_c - lo_c)^2,
+    with F_c the channel's mean Fisher information, is smallest while the outliers over all
+    channels stay at `fraction` of the elements (a Lagrangian search on the count price). The
+    3-bit step of a channel is proportional to its range, so this spends the sparse budget where
+    it shrinks the sensitivity-weighted rounding error most: heavy-tailed, sensitive channels get
+    more outliers, light-tailed ones fewer (the paper gives every channel fraction/2 per tail).
+    """
+    m, h, d = x.shape
+    c = h * d
+    if grid is None:
+        grid = torch.unique(torch.cat([torch.arange(0, 40),
+                                       torch.round(torch.logspace(0, 1, 20) * 40)]).long())
+    grid = grid[grid < m // 4]
+    xs = x.reshape(m, c).sort(0).values                                 # (M, C)
+    weight = fisher.reshape(m, c).double().mean(0)                      # (C,)
+    lo_c, hi_c = xs[grid], xs[m - 1 - grid]                             # (G, C) each
+    cost = (hi_c[None] - lo_c[:, None]).double().clamp_min(0) ** 2 * weight   # (G, G, C)
+    count = (grid[:, None] + grid[None, :]).double().reshape(-1, 1)    # (G*G, 1)
+    cost = cost.reshape(-1, c)
+    budget = fraction * m * c
+
+    def solve(price: float):
+        pick = (cost + price * count).argmin(0)                         # (C,)
+        return pick, float(count[pick].sum())
+
+    lo_p, hi_p = 0.0, float(cost.max()) + 1.0
+    for _ in range(60):
+        mid = (lo_p + hi_p) / 2
+        if solve(mid)[1] > budget:
+            lo_p = mid
+        else:
+            hi_p = mid
+    pick, _ = solve(hi_p)                                                # within the budget
+    g, ar = len(grid), torch.arange(c)
+    return lo_c[pick // g, ar].view(h, d), hi_c[pick % g, ar].view(h, d)
+
+
 def calibrate_layer(k_pre, v, gk, gv, rotary: Rotary, fractions, n_bins: int) -> dict:
     """One layer's ranges and histograms from (N, T, H, D) activations and their gradients.
     Fisher information per element = gradient squared; post-RoPE gradients are the pre-RoPE
@@ -228,9 +284,9 @@ def calibrate_layer(k_pre, v, gk, gv, rotary: Rotary, fractions, n_bins: int) ->
     body = slice(1, None)                                       # drop the sink token
     for rope, k, g in (("pre", k_pre, gk), ("post", k_post, gk_post)):
         kb, gb = k[:, body].reshape(-1, h, d), g[:, body].reshape(-1, h, d)     # (M, H, D)
-        for f in fractions:
-            var = f"k.{rope}.{_fkey(f)}"
-            lo, hi = _channel_ranges(kb, f)
+        for f, alloc in [(fr, a) for fr in fractions for a in ("", "a")[:1 + (fr > 0)]]:
+            var = f"k.{rope}.{_fkey(f)}{alloc}"
+            lo, hi = allocated_channel_ranges(kb, gb, f) if alloc else _channel_ranges(kb, f)
             zero, scale = (hi + lo) / 2, ((hi - lo) / 2).clamp_min(1e-6)
             u = (kb - zero) / scale
             inl = (u.abs() <= 1) if f > 0 else torch.ones_like(u, dtype=torch.bool)

@@ -146,6 +146,10 @@ def main(argv=None) -> None:
     parser.add_argument("--calibration", default=str(DEFAULT_CALIBRATION),
                         help="calibration file; made (and saved there) if missing")
     parser.add_argument("--ablation-bits", type=int, nargs="*", default=[3])
+    parser.add_argument("--parts", nargs="+", choices=("main", "ablation"),
+                        default=["main", "ablation"],
+                        help="what to compute; other parts already in --out are kept (so two "
+                             "processes can compute the parts side by side)")
     args = parser.parse_args(argv)
 
     from workbench.kvquant.calibration import calibrate
@@ -168,11 +172,12 @@ def main(argv=None) -> None:
                 "note": "keys/values quantized as they enter the cache; every query attends "
                         "to quantized K/V; fp16 = K/V rounded to fp16; model weights are the "
                         "embedded GGUF Q4_1 de-quantized to float32"}
-    result = {"settings": settings, "main": evaluate(model, tokenizer, main_specs(), calib,
-                                                     context=args.context, windows=args.windows,
-                                                     source=args.source)}
-    result["targets"] = check_targets(result["main"])
-    for b in args.ablation_bits:
+    result = {"settings": settings}
+    if "main" in args.parts:
+        result["main"] = evaluate(model, tokenizer, main_specs(), calib, context=args.context,
+                                  windows=args.windows, source=args.source)
+        result["targets"] = check_targets(result["main"])
+    for b in args.ablation_bits if "ablation" in args.parts else ():
         result[f"ablation_{b}bit"] = evaluate(model, tokenizer, ablation(b), calib,
                                               context=args.context, windows=args.windows,
                                               source=args.source)
@@ -181,9 +186,15 @@ def main(argv=None) -> None:
                                                    source=args.source)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_file():                                   # keep the parts not computed this time
+        old = json.loads(out.read_text())
+        if old.get("settings") == settings:
+            result = {**old, **result}
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(markdown_table(result["main"]))
-    for k, v in result["targets"].items():
+    for k, v in result.items():
+        if isinstance(v, list):
+            print(k, markdown_table(v), sep="\n")
+    for k, v in result.get("targets", {}).items():
         print(f"{'MET ' if v else 'MISS'} {k}")
 
 
