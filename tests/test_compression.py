@@ -223,3 +223,47 @@ def test_highlight_marks_kept_spans_and_escapes():
     assert html_text == ('<span class="drop">a </span><mark>&lt;b&gt;</mark>'
                          '<span class="drop"> c</span>')
     assert highlight("xy", [], mark_attr="").count("<mark") == 0
+
+
+def test_reader_study_bookkeeping():
+    """Wilson intervals, exact McNemar and paired flips of the reader study (no model run)."""
+    from workbench.compression.reader_study import (
+        conclusion,
+        paired,
+        sign_test_p,
+        summarize,
+        wilson,
+    )
+
+    lo, hi = wilson(8, 25)                      # worked by hand: 0.1720 .. 0.5159
+    assert abs(lo - 0.1720) < 1e-3 and abs(hi - 0.5159) < 1e-3
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0 and wilson(0, 0) == (0.0, 1.0)
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(3, 3) == 1.0
+    assert abs(sign_test_p(0, 6) - 2 / 64) < 1e-12 and abs(sign_test_p(1, 9) - 22 / 1024) < 1e-12
+    base, other = [True, True, False, False, False], [True, False, True, True, False]
+    p = paired(base, other)
+    assert (p["both_right"], p["right_to_wrong"], p["wrong_to_right"], p["both_wrong"]) == (1, 1, 2, 1)
+    assert p["net"] == 1
+    with pytest.raises(ValueError):
+        paired([True], [True, False])
+
+    def row(item, method, ratio, correct, kept=True):
+        return {"item": item, "method": method, "ratio": ratio, "correct": correct,
+                "retention": kept, "achieved_ratio": ratio, "compressor_s": 0.0, "reader_s": 1.0}
+
+    rows = [row(f"i{k}", "none", 1.0, k < 2) for k in range(5)]
+    rows += [row(f"i{k}", "bm25", 5.0, k in (0, 2, 3, 4), kept=k != 1) for k in range(5)]
+    rows += [row(f"i{k}", "slow", 5.0, k == 1) for k in range(2)]   # a slow method on 2 items
+    s = summarize(rows)
+    t = {(x["method"], x["ratio"]): x for x in s["table"]}
+    assert [x["method"] for x in s["table"]][0] == "none"
+    assert (t["none", 1.0]["k"], t["none", 1.0]["n"]) == (2, 5)
+    b = t["bm25", 5.0]
+    assert (b["k"], b["n"], b["retained"], b["correct_when_retained"]) == (4, 5, 4, "4/4")
+    assert (b["vs_none"]["right_to_wrong"], b["vs_none"]["wrong_to_right"]) == (1, 3)
+    sl = t["slow", 5.0]                         # paired on its own 2 items only
+    assert (sl["k"], sl["n"], sl["none_on_same_items"]) == (1, 2, "2/2")
+    assert sl["vs_none"]["right_to_wrong"] == 1 and sl["vs_none"]["both_right"] == 1
+    c = conclusion(s)
+    assert c["uncompressed"] == "2/5" and c["best"]["method"] == "bm25"
+    assert c["significantly_better"] == [] and c["significantly_worse"] == []
