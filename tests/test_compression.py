@@ -231,6 +231,7 @@ def test_reader_study_bookkeeping():
         conclusion,
         paired,
         sign_test_p,
+        study_statement,
         summarize,
         wilson,
     )
@@ -267,3 +268,6 @@ def test_reader_study_bookkeeping():
     c = conclusion(s)
     assert c["uncompressed"] == "2/5" and c["best"]["method"] == "bm25"
     assert c["significantly_better"] == [] and c["significantly_worse"] == []
+    text = study_statement({"config": {"n_tokens": 1024}, **s, "conclusion": c})
+    assert "uncompressed 2/5" in text and "3 wrong->right vs 1 right->wrong" in text
+    assert "uncompressed 2/2 on these items" in text

@@ -224,8 +224,10 @@ if __name__ == "__main__":
     main()
 
 
-def statement(result: dict) -> str:
-    """The paper's finding, restated from this run's numbers (a few sentences)."""
+def statement(result: dict, study: dict | None = None) -> str:
+    """The paper's finding, restated from this run's numbers (a few sentences). With `study`
+    (the JSON of `workbench.compression.reader_study`), whether compression helps the small
+    reader is answered from that paired study instead of this run's one or two items."""
     f, c = result["findings"], result["findings"]["claims"]
     ret = f["retention"]
     parts = []
@@ -250,7 +252,11 @@ def statement(result: dict) -> str:
                      + ", ".join(f"{k} {v['mean']:.2f}" for k, v in qa.items()
                                  if v["mean"] is not None) + ".")
     s = f.get("similar_facts")
-    if s:
+    if study is not None:
+        from workbench.compression.reader_study import study_statement
+
+        parts.append(study_statement(study))
+    elif s:
         parts.append(f"Similar facts: uncompressed {s['uncompressed']:.2f}, best compressed "
                      f"{s['best_score']:.2f} ({s['best']} at {s['best_ratio']:g}x): compression "
                      + ("helps" if c.get("compression_helps_similar_facts") else "does not help")

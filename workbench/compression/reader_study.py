@@ -256,3 +256,33 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def study_statement(study: dict) -> str:
+    """The study's answer in a few sentences, every number read from `study` (the JSON)."""
+    table = study["table"]
+    base = next((t for t in table if t["method"] == "none"), None)
+    if base is None:
+        return "Reader study: no uncompressed reading yet."
+
+    def pct(t):
+        lo, hi = t["wilson95"]
+        return f"{t['k']}/{t['n']} [{lo:.0%}, {hi:.0%}]"
+
+    parts = [f"Reader study (similar facts, {study['config']['n_tokens']}-token contexts, "
+             f"5 same-form facts, 95% Wilson intervals): uncompressed {pct(base)}."]
+    for method in dict.fromkeys(t["method"] for t in table if t["method"] != "none"):
+        cells = [t for t in table if t["method"] == method]
+        parts.append(f"{method}: " + "; ".join(
+            f"{t['ratio']:g}x {pct(t)}, {t['vs_none']['wrong_to_right']} wrong->right vs "
+            f"{t['vs_none']['right_to_wrong']} right->wrong (p={t['vs_none']['mcnemar_p']:.2g}"
+            + ("" if t["n"] == base["n"] else f"; uncompressed {t['none_on_same_items']} on "
+               "these items") + ")" for t in cells) + ".")
+    c = study.get("conclusion", {})
+    better, worse = c.get("significantly_better", []), c.get("significantly_worse", [])
+    parts.append("Compression helps the small reader significantly (exact McNemar, p < "
+                 f"{c.get('alpha', 0.05):g}) at: " + (", ".join(better) if better else "none")
+                 + "; hurts it significantly at: " + (", ".join(worse) if worse else "none") + ".")
+    if not study.get("complete", True):
+        parts.append("(Partial run: see n per cell.)")
+    return " ".join(parts)
