@@ -75,3 +75,16 @@ def test_property_constrained_plans_have_no_near_duplicates(seed):
     for i, a in enumerate(calls):
         for b in calls[:i]:
             assert near_duplicate((a.tool, a.kwargs), (b.tool, b.kwargs)) is None, text
+
+
+def test_list_that_can_only_extend_an_earlier_one_is_refused():
+    box = Toolbox([Tool.from_schema(_schema("pick", {
+        "team": {"type": "string"}, "seasons": {"type": "array", "items": {"type": "string"}}},
+        ["team", "seasons"]), lambda **k: k)])
+    g = PlanGrammar(box)
+    first = '1. pick(team="Lakers", seasons=["2018", "2019"])\n2. pick(team="Lakers", seasons=['
+    assert g.advance(g.initial(), first + '"2018"') is not None       # may become ["2018", "2020"]
+    assert g.advance(g.initial(), first + '"2018", "2019"') is None   # only a repeat is left
+    assert g.advance(g.initial(), first + '"2018"])') is None         # a shorter list: near-duplicate
+    assert g.advance(g.initial(), first + '"2020"])') is not None
+    assert near_duplicate(("f", {"x": ["a", "b"]}), ("f", {"x": ["a"]})) is not None

@@ -9,8 +9,9 @@ punctuation, case kept; 2 == 2.0; argument order ignored):
 
 - all values are equal ("same call");
 - one call has extra arguments that all equal their declared defaults, the rest equal;
-- all arguments are equal but one string, which only extends the other's ("Boston" ->
-  "Boston MA"). Numbers never count: 0.02 and 0.025, 5 and 50 are real requests.
+- all arguments are equal but one string or list, which only extends the other's ("Boston" ->
+  "Boston MA", ["a"] -> ["a", "b"]). Numbers never count: 0.02 and 0.025, 5 and 50 are real
+  requests; nor does case ("AA" and "Aa" are two genotypes in BFCL).
 
 Checked against BFCL's reference answers (simple, multiple, parallel, parallel_multiple; 1,000
 requests): no reference plan has a near-duplicate pair except one with two identical calls
@@ -46,10 +47,10 @@ def call_of(tool: str, args: list | tuple = (), kwargs: dict | None = None) -> C
 
 
 def _extends(a, b) -> bool:
-    """Strings a and b differ only by one continuing the other (normalized)."""
-    if isinstance(a, str) and isinstance(b, str):
+    """Strings (or lists) a and b differ only by one continuing the other (normalized)."""
+    if isinstance(a, str) and isinstance(b, str) or isinstance(a, list) and isinstance(b, list):
         na, nb = normalize(a), normalize(b)
-        return na.startswith(nb) or nb.startswith(na)
+        return na[:len(nb)] == nb or nb[:len(na)] == na
     return False
 
 

@@ -121,6 +121,8 @@ class PlanGrammar:
             return self._step(st, ",") is not None or self._step(st, ")") is not None
         if kind == "str" and top[1] is None and not top[3]:
             return not self.string_targets(st, dead_only=True)
+        if kind == "list" or (kind == "lit" and len(st[3]) > 2 and st[3][-2][0] == "list"):
+            return not self._list_dead(st)
         if kind == "str" and top[1] is not None and not top[3]:
             return any(self.advance(st, e[len(top[2]):] + '"') is not None
                        for e in top[1] if e.startswith(top[2]))
@@ -240,6 +242,34 @@ class PlanGrammar:
             if not dead_only and target.startswith(now):
                 out.append(target[len(now):])
         return [] if dead_only else out
+
+    def _list_dead(self, st) -> bool:
+        """A flat list that is the line's last possible argument and already starts with an
+        earlier line's list (all else equal): closing or extending it can only repeat that line."""
+        frames = st[3]
+        k = len(frames) - (1 if frames[-1][0] == "list" else 2)
+        if self.allow_repeat or k < 1 or frames[k - 1][0] != "call":
+            return False
+        _, name, used, _, _ = frames[k - 1]
+        if len(used) < len(self.tools[name].params):
+            return False
+        text = st[2].split(". ", 1)[-1].rstrip(" ").rstrip(",")
+        new = _call_of_line(text + ("])" if not text.endswith("]") else ")"))
+        if new is None or not new[1]:
+            return False
+        last = list(new[1])[-1]
+        if not isinstance(new[1][last], list):
+            return False
+        now = normalize(new[1][last])
+        for old in map(_call_of_line, st[1]):
+            if old is None or old[0] != name or set(old[1]) != set(new[1]) or \
+                    not isinstance(old[1][last], list):
+                continue
+            if all(normalize(v) == normalize(new[1][k]) for k, v in old[1].items() if k != last):
+                target = normalize(old[1][last])
+                if now[:len(target)] == target:
+                    return True
+        return False
 
     # -- values --------------------------------------------------------------------------------
 
