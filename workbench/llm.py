@@ -209,7 +209,8 @@ class LocalChat(ChatBackend):
     yourself if hooks or context managers change the model (workbench.serve does).
     prefix_cache: keep the last call's KV cache (one slot) and start the next call from the longest
     common token prefix; a concurrent call simply finds the slot empty. Reused prefill gives the
-    same logits up to float rounding (greedy text can differ in rare near-ties).
+    same logits up to float rounding (greedy text can differ in rare near-ties). Call
+    clear_cache() after changing the model's weights or hooks: the kept keys were made without.
     """
 
     backend = "local"
