@@ -177,7 +177,7 @@ if HAS_TRITON:
         q_ptr, c_ptr, ln_ptr, lse_ptr, s_ptr, keep_ptr, threshold,
         q_len, n_cent, group, bs, n_blocks, kv_heads, head_dim, scaling, n_rows_pad, n_tiles,
         sq_b, sq_h, sq_t, sc_h, sc_k, sl_h,
-        STORE: tl.constexpr, FP32_DOT: tl.constexpr,
+        STORE: tl.constexpr, FP32_DOT: tl.constexpr, P_OUT: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         bh = tl.program_id(0)
@@ -210,9 +210,13 @@ if HAS_TRITON:
                 ln_safe = tl.where(ln == float("-inf"), 0.0, ln)
                 p += tl.sum(tl.where(use, tl.exp(s - ln_safe[None, :] - lse_safe[:, None]),
                                      0.0), axis=0)
-            keep = (p / n_valid) >= threshold
-            tl.store(keep_ptr + pid.to(tl.int64) * n_cent + kk, keep.to(tl.int8),
-                     mask=kk < n_cent)
+            if P_OUT:                           # the estimates themselves (float32)
+                tl.store(keep_ptr + pid.to(tl.int64) * n_cent + kk, p / n_valid,
+                         mask=kk < n_cent)
+            else:
+                keep = (p / n_valid) >= threshold
+                tl.store(keep_ptr + pid.to(tl.int64) * n_cent + kk, keep.to(tl.int8),
+                         mask=kk < n_cent)
 
     @triton.jit
     def _select_chunks_kernel(keep_ptr, lab_ptr, idx_ptr, cnt_ptr, n, n_sink, window, n_blocks,
@@ -247,9 +251,10 @@ else:
 
 
 def centroid_keep(q, centroids, log_sizes, scaling: float, block_size: int | None,
-                  threshold: float, *, backend: str = "auto") -> torch.Tensor:
+                  threshold: float | None, *, backend: str = "auto") -> torch.Tensor:
     """keep (b, kv, n_blocks, k) bool: centroids whose estimated attention per key passes
-    `threshold` (module docstring)."""
+    `threshold` (module docstring). threshold None: the estimates p (b, kv, n_blocks, k)
+    float32 themselves, for allocations that rank them (see `workbench.squeezed.fastpath`)."""
     if q.dim() != 4 or centroids.dim() != 3 or q.shape[-1] != centroids.shape[-1] \
             or q.shape[1] % centroids.shape[0]:
         raise WorkbenchError(f"centroid_keep: expected q (b, hq, q_len, d) and centroids "
@@ -258,13 +263,17 @@ def centroid_keep(q, centroids, log_sizes, scaling: float, block_size: int | Non
     which = pick_backend(backend, (q, centroids, log_sizes), _keep_partial_kernel,
                          op="centroid_keep", supported_dtypes=SUPPORTED_DTYPES)
     if which == "torch":
+        if threshold is None:
+            return centroid_scores_reference(q, centroids, log_sizes, scaling, block_size)
         return centroid_keep_reference(q, centroids, log_sizes, scaling, block_size, threshold)
     b, hq, q_len, d = q.shape
     kv, k = centroids.shape[:2]
     g = hq // kv
     nb, bs = block_layout(q_len, block_size)
     rows = b * kv * nb
-    keep = torch.zeros(b, kv, nb, k, dtype=torch.bool, device=q.device)
+    p_out = threshold is None
+    keep = torch.zeros(b, kv, nb, k, dtype=torch.float32 if p_out else torch.bool,
+                       device=q.device)
     if rows == 0 or k == 0:
         return keep
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -288,8 +297,10 @@ def centroid_keep(q, centroids, log_sizes, scaling: float, block_size: int | Non
     block_t = min(64, max(16, _next_pow2(n_tiles)))
     _keep_lse_kernel[(rows, n_rows_pad // block_r)](m, l_sum, lse, n_rows_pad, n_tiles,
                                                     BLOCK_R=block_r, BLOCK_T=block_t)
-    _keep_final_kernel[(b * kv, n_tiles)](q, c, ln, lse, s, keep.view(torch.int8),
-                                        float(threshold), *args, **meta)
+    _keep_final_kernel[(b * kv, n_tiles)](q, c, ln, lse, s,
+                                        keep if p_out else keep.view(torch.int8),
+                                        0.0 if p_out else float(threshold), *args, **meta,
+                                        P_OUT=p_out)
     return keep
 
 

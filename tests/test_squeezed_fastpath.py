@@ -64,3 +64,43 @@ def test_fast_path_equals_cpu_path(backend, hierarchical, q_len, block):
     got = fast_squeezed_attention(plan, 0, q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), block,
                                   backend=backend)
     torch.testing.assert_close(got.cpu(), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hierarchical", [False, True])
+@pytest.mark.parametrize("q_len,block", [(1, 16), (11, 4)])
+def test_layer_allocation_on_the_device(backend, hierarchical, q_len, block):
+    """allocation='layer' (the evaluated default): the device path keeps whole clusters in
+    decreasing estimate, pooled over the KV heads, without passing the layer's share; what it
+    keeps is a subset of the CPU selector's keys that misses at most one cluster per block
+    (the CPU selector fills the share exactly by splitting the boundary cluster)."""
+    from kernels.squeezed_attention import chunked_to_flat
+    from kernels.squeezed_select import select_chunks
+    from workbench.squeezed.fastpath import kept_centroids
+    from workbench.squeezed.selectors import budget_keys
+
+    index, keys = synthetic_index(n=301, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    n, kv, d = index.context_len, index.kv_heads, index.head_dim
+    q = torch.randn(1, index.q_heads, q_len, d, generator=gen) * 2
+    budget = 0.3
+    sel = SqueezedSelector(index, budget, hierarchical=hierarchical, block_size=block,
+                           allocation="layer")
+    cpu = sel.select(0, q, keys[None])                                      # (1, kv, nb, n)
+    plan = DevicePlan.from_index(index, budget, hierarchical=hierarchical, block_size=block,
+                                 device=DEVICE, dtype=torch.float32, allocation="layer")
+    keep = kept_centroids(plan, 0, q.to(DEVICE), block, backend)
+    idx, cnt, _ = select_chunks(keep, plan.labels[0], n, index.n_sink, index.window,
+                                backend=backend)
+    flat, fcnt = chunked_to_flat(idx, cnt, q_len, block)
+    dev = torch.zeros_like(cpu)
+    for hb in range(kv):
+        for blk in range(cpu.shape[2]):
+            dev[0, hb, blk, flat[0, hb, blk, :fcnt[0, hb, blk]].long().cpu()] = True
+    spent = dev.sum(dim=(1, 3))                                             # (1, nb)
+    assert bool((spent <= budget_keys(budget, n) * kv).all())
+    assert bool((dev <= cpu).all()), "the device keeps a key the CPU selector does not"
+    biggest = int(plan.member_counts[0].max())
+    assert bool((cpu.sum(dim=(1, 3)) - spent <= biggest).all())
+    with pytest.raises(Exception, match="allocation"):
+        DevicePlan.from_index(index, budget, device=DEVICE, allocation="capped")

@@ -33,7 +33,7 @@ from workbench.squeezed.capture import max_positions
 from workbench.squeezed.index import SqueezedIndex
 from workbench.squeezed.lookup import block_count
 from workbench.squeezed.registry import attention_state, dense_causal
-from workbench.squeezed.selectors import Selector, SqueezedSelector
+from workbench.squeezed.selectors import DEVICE_ALLOCATIONS, Selector, SqueezedSelector
 
 
 def selection_block(q_len: int, block_size: int | None) -> int:
@@ -127,7 +127,7 @@ class SqueezedAttention:
             self._plan = DevicePlan.from_index(sel.index, sel.budget,
                                                hierarchical=sel.hierarchical,
                                                block_size=sel.block_size, device=q.device,
-                                               dtype=q.dtype)
+                                               dtype=q.dtype, allocation=sel.allocation)
             self._plan_key = key
         out, counts = fast_squeezed_attention(self._plan, layer, q, k, v, sel.block_size,
                                               backend=self.backend, return_counts=True)
@@ -137,10 +137,11 @@ class SqueezedAttention:
     def _user_attention(self, layer, q, k, v, scaling):
         n = self.context_len
         kernels = (q.is_cuda and self.backend != "torch") or self.backend == "triton"
-        # the device plan applies the global threshold only: other allocations (which cap the
-        # spend at the budget) go through the mask path, with kernels on CUDA
+        # the device plan applies the global threshold or the per-layer allocation (whole
+        # clusters); "capped" and "head" go through the mask path, with kernels on CUDA
         if (kernels and isinstance(self.selector, SqueezedSelector)
-                and self.selector.vote == "mean" and self.selector.allocation == "threshold"):
+                and self.selector.vote == "mean"
+                and self.selector.allocation in DEVICE_ALLOCATIONS):
             return self._fast_path(layer, q, k, v)
         k_ctx, v_ctx = k[:, :, :n], v[:, :, :n]
         mask = self.selector.select(layer, q, k_ctx)            # (b, kv, nb, n)

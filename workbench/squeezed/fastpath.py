@@ -5,6 +5,11 @@ the device, no key-level mask and no host sync.
                                  dtype=torch.bfloat16)
     o = fast_squeezed_attention(plan, layer, q, k, v, block_size=16)   # (b, hq, q_len, d)
 
+Allocations: "threshold" (the paper's global threshold, fused into the keep kernel) and
+"layer" (the evaluated default of `squeezed_attention`: estimates out of the same kernels, then
+an argsort per query block pooled over the layer's KV heads keeps whole clusters while they fit
+the layer's share; spend <= budget, no host sync).
+
 Steps for one layer (launches): centroid keep flags (one-level: 2 launches over tiles of
 centroids, `centroid_keep`; hierarchical: coarse scoring, candidate compaction, gathered fine
 scoring + a few small PyTorch ops) -> `select_chunks` (kept key positions straight from kept
@@ -26,7 +31,9 @@ import torch
 from kernels.squeezed_attention import sparse_attention
 from kernels.squeezed_lookup import block_rows, centroid_scores, compact_mask
 from kernels.squeezed_select import centroid_keep, select_chunks
+from workbench.errors import WorkbenchError
 from workbench.squeezed.index import SqueezedIndex
+from workbench.squeezed.selectors import DEVICE_ALLOCATIONS
 
 
 @dataclass
@@ -46,13 +53,27 @@ class DevicePlan:
     n_sink: int
     window: int
     scaling: float
+    # allocation "threshold" (the paper's global threshold) or "layer" (per layer and query
+    # block, the best centroids pooled over the KV heads while their keys fit the layer's
+    # share of the clustered keys: spend <= budget); see workbench.squeezed.selectors
+    allocation: str = "threshold"
+    layer_shares: tuple[float, ...] = ()
+    member_counts: torch.Tensor | None = None    # (layers, kv, kf) float32: labelled keys
 
     @classmethod
     def from_index(cls, index: SqueezedIndex, budget: float, *, hierarchical: bool = False,
                    block_size: int | None = 16, device="cuda",
-                   dtype: torch.dtype = torch.bfloat16) -> DevicePlan:
+                   dtype: torch.dtype = torch.bfloat16,
+                   allocation: str = "threshold") -> DevicePlan:
+        if allocation not in DEVICE_ALLOCATIONS:
+            raise WorkbenchError(f"The device path supports allocation {DEVICE_ALLOCATIONS}, "
+                                 f"not {allocation!r}.")
         t = index.thresholds(budget, block_size, hierarchical)
         lab_dtype = torch.int16 if index.fine.shape[2] < 2 ** 15 else torch.int32
+        labels = index.labels.long()
+        counts = torch.zeros(index.fine.shape[:3], dtype=torch.float32).scatter_add_(
+            2, labels, torch.ones(labels.shape))                           # (L, kv, kf)
+        shares = tuple(t.layer_fractions) or (t.clustered_fraction,) * index.fine.shape[0]
         return cls(
             fine=index.fine.to(device, dtype), fine_log_sizes=index.fine_sizes.float().log()
             .to(device), coarse=index.coarse.to(device, dtype),
@@ -60,7 +81,27 @@ class DevicePlan:
             parent=index.parent.to(device), labels=index.labels.to(device, lab_dtype),
             fine_threshold=t.fine, coarse_threshold=t.coarse, hierarchical=hierarchical,
             context_len=index.context_len, n_sink=index.n_sink, window=index.window,
-            scaling=index.scaling)
+            scaling=index.scaling, allocation=allocation, layer_shares=shares,
+            member_counts=counts.to(device))
+
+
+
+def layer_allocation(p: torch.Tensor, members: torch.Tensor, share: float,
+                     n_clustered: int) -> torch.Tensor:
+    """keep (b, kv, nb, kf) bool: per (batch, query block), centroids in decreasing estimate,
+    pooled over the layer's KV heads, while their keys fit floor(share * kv * n_clustered)
+    (whole clusters: the spend never passes the share, and falls short by less than one
+    cluster). Unscored centroids (estimate 0) are never kept. p (b, kv, nb, kf) float32,
+    members (kv, kf) keys per centroid. All on the device, no host sync."""
+    b, kv, nb, kf = p.shape
+    total = min(kv * n_clustered, math.floor(share * kv * n_clustered))
+    pooled = p.permute(0, 2, 1, 3).reshape(b, nb, kv * kf)                  # (b, nb, kv*kf)
+    order = pooled.argsort(dim=-1, descending=True)
+    sizes = members.reshape(1, 1, kv * kf).expand(b, nb, -1)
+    fits = (torch.gather(sizes, -1, order).cumsum(-1) <= total) \
+        & (torch.gather(pooled, -1, order) > 0)
+    keep = torch.zeros_like(fits).scatter_(-1, order, fits)
+    return keep.reshape(b, nb, kv, kf).permute(0, 2, 1, 3)
 
 
 def pruned_coarse_lse(q: torch.Tensor, coarse: torch.Tensor, coarse_log_sizes: torch.Tensor,
@@ -74,12 +115,13 @@ def pruned_coarse_lse(q: torch.Tensor, coarse: torch.Tensor, coarse_log_sizes: t
     return torch.logsumexp(s.masked_fill(keep_c[:, :, :, None, :], -math.inf), dim=-1)
 
 
-def kept_centroids(plan: DevicePlan, layer: int, q: torch.Tensor, block_size: int | None,
-                   backend: str = "auto") -> torch.Tensor:
-    """(b, kv, nb, kf) bool: the fine centroids whose estimate passes the threshold."""
+def centroid_estimates(plan: DevicePlan, layer: int, q: torch.Tensor,
+                       block_size: int | None, backend: str = "auto") -> torch.Tensor:
+    """(b, kv, nb, kf) float32: estimated attention per key of every fine centroid (0 for the
+    children of pruned coarse centroids, hierarchical)."""
     if not plan.hierarchical:
         return centroid_keep(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
-                             block_size, plan.fine_threshold, backend=backend)
+                             block_size, None, backend=backend)
     pc = centroid_scores(q, plan.coarse[layer], plan.coarse_log_sizes[layer], plan.scaling,
                          block_size, backend=backend)                       # (b, kv, nb, kc)
     keep_c = pc >= plan.coarse_threshold
@@ -93,10 +135,23 @@ def kept_centroids(plan: DevicePlan, layer: int, q: torch.Tensor, block_size: in
                          block_size, indices=cidx, counts=ccnt, extra_lse=extra,
                          backend=backend)                                   # (b, kv, nb, kf)
     valid = torch.arange(kf, device=q.device) < ccnt[..., None]
-    keep_list = (pf >= plan.fine_threshold) & valid
-    keep = torch.zeros(b, kv, nb, kf + 1, dtype=torch.bool, device=q.device)
-    keep.scatter_(3, torch.where(valid, cidx.long(), kf), keep_list)
-    return keep[..., :kf]
+    p = torch.zeros(b, kv, nb, kf + 1, dtype=pf.dtype, device=q.device)
+    p.scatter_(3, torch.where(valid, cidx.long(), kf), torch.where(valid, pf, 0.0))
+    return p[..., :kf]
+
+
+def kept_centroids(plan: DevicePlan, layer: int, q: torch.Tensor, block_size: int | None,
+                   backend: str = "auto") -> torch.Tensor:
+    """(b, kv, nb, kf) bool: the fine centroids the plan's allocation keeps."""
+    if plan.allocation == "layer":
+        p = centroid_estimates(plan, layer, q, block_size, backend)
+        return layer_allocation(p, plan.member_counts[layer], plan.layer_shares[layer],
+                                plan.labels.shape[-1])
+    if not plan.hierarchical:                   # fused: estimates never leave the kernel
+        return centroid_keep(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
+                             block_size, plan.fine_threshold, backend=backend)
+    p = centroid_estimates(plan, layer, q, block_size, backend)
+    return (p >= plan.fine_threshold) & (p > 0)
 
 
 def fast_squeezed_attention(plan: DevicePlan, layer: int, q: torch.Tensor, k: torch.Tensor,

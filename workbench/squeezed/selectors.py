@@ -75,6 +75,7 @@ class Selector:
 
 
 ALLOCATIONS = ("threshold", "capped", "layer", "head")
+DEVICE_ALLOCATIONS = ("threshold", "layer")     # those the kernel path (fastpath.py) runs
 
 
 def top_keys(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
