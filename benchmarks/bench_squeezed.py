@@ -28,6 +28,8 @@ Variants per case:
   squeezed            the full kernel path, lookup included: centroid keep flags, select_chunks,
                       sparse attention of context and user parts, LSE merge (one-level).
   squeezed-hier       the same with the two-level lookup.
+  squeezed (layer alloc)  one-level with allocation 'layer' (the evaluated default): estimates,
+                      then whole clusters by an on-device argsort per query block.
   squeezed (1 set)    prefill only: one key set for all 512 user queries (the paper's choice).
   squeezed (block 64) prefill only: one key set per 64 user queries (fewer gathered bytes).
 
@@ -46,7 +48,7 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +142,17 @@ def random_plan(shape: Shape, n: int, q: torch.Tensor, budget: float, hierarchic
     p = _estimates_for_threshold(plan, q, block_size)
     plan.fine_threshold = _between(p, weighted_threshold(p, w[None, :, None].expand_as(p), frac))
     return plan
+
+
+def layer_plan(plan: DevicePlan, budget: float) -> DevicePlan:
+    """The same centroids with allocation 'layer' (squeezed_attention's default): the layer
+    keeps the best whole clusters, pooled over its KV heads, up to its share of the keys."""
+    labels = plan.labels[0].long()                                          # (kv, n_mid)
+    counts = torch.zeros(plan.fine.shape[1:3], device=labels.device).scatter_add_(
+        1, labels, torch.ones(labels.shape, device=labels.device))
+    n_mid = labels.shape[1]
+    share = min(1.0, max(0.0, (budget * plan.context_len - plan.n_sink - plan.window) / n_mid))
+    return replace(plan, allocation="layer", layer_shares=(share,), member_counts=counts[None])
 
 
 def _between(values: torch.Tensor, threshold: float) -> float:
@@ -375,6 +388,9 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
     impls["squeezed"] = lambda: fast_squeezed_attention(plan16, 0, q, k, v, 16, backend)
     impls["squeezed-hier"] = lambda: fast_squeezed_attention(plans[(True, 16)], 0, q, k, v, 16,
                                                              backend)
+    plan_layer = layer_plan(plan16, budget)
+    impls["squeezed (layer alloc)"] = lambda: fast_squeezed_attention(plan_layer, 0, q, k, v,
+                                                                      16, backend)
     if profile and can_triton:
         meta_profile[f"{shape.name} n{n // 1024}K {mode} 1/{round(1 / budget)}"] = \
             kernel_profile(impls["squeezed"], device)
