@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from workbench.roofline.microbench import capture_graph as _capture_graph
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 H200_COPY_GBPS = 4250.0  # device-to-device copy measured on the H200 here (read + write), GB/s
 
@@ -118,18 +120,9 @@ def time_ms(
 
 
 def capture_graph(fn: Callable, warmup: int = 3) -> Callable:
-    """Capture `fn()` in a CUDA graph after `warmup` calls on a side stream; returns its replay
-    (one launch for the whole call: timing it leaves out the host's launch overhead)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    """`workbench.roofline.microbench.capture_graph` with 3 warm-up calls (Triton compiles and
+    autotunes on the first)."""
+    return _capture_graph(fn, warmup)
 
 
 def graph_ms(fn: Callable, device: str) -> float | None:

@@ -181,6 +181,16 @@ def find_stop(text: str, stops: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
+def stream_step(text: str, stops: Sequence[str], shown: int) -> tuple[str, bool, str, int]:
+    """One step of streaming with stop strings, after `text` grew: (text, cut at the earliest
+    stop; whether a stop was hit; the piece that can be shown now; how much is shown after)."""
+    cut = find_stop(text, stops)
+    if cut is not None:
+        return text[:cut], True, "", shown
+    end = safe_length(text, stops)
+    return text, False, text[shown:end] if end > shown else "", max(shown, end)
+
+
 def safe_length(text: str, stops: Sequence[str]) -> int:
     """How much of text can be shown now: hold back a tail that may still grow into a stop
     string, and a trailing U+FFFD (a multi-byte character whose bytes are not all decoded yet)."""
@@ -341,14 +351,12 @@ class LocalChat(ChatBackend):
                     finish = "stop"
                     break
                 text = self.tokenizer.decode(new, skip_special_tokens=True)
-                cut = find_stop(text, stops)
-                if cut is not None:
-                    text, finish = text[:cut], "stop"
+                text, stopped, piece, shown = stream_step(text, stops, shown)
+                if stopped:
+                    finish = "stop"
                     break
-                end = safe_length(text, stops)
-                if end > shown:
-                    yield text[shown:end]
-                    shown = end
+                if piece:
+                    yield piece
         finally:
             # the cache holds every id fed so far: the prompt and all new tokens but the last
             self._keep_prefix(all_ids + new[:-1], past)
@@ -539,15 +547,12 @@ class OpenAIChat(ChatBackend):
                 except (ValueError, TypeError, AttributeError, KeyError):
                     raise WorkbenchError(f"{where} sent a malformed stream event: "
                                          f"{payload[:200]!r}") from None
-                text += piece
-                cut = find_stop(text, stops)
-                if cut is not None:
-                    text, finish = text[:cut], "stop"
+                text, stopped, piece, shown = stream_step(text + piece, stops, shown)
+                if stopped:
+                    finish = "stop"
                     break
-                end = safe_length(text, stops)
-                if end > shown:
-                    yield text[shown:end]
-                    shown = end
+                if piece:
+                    yield piece
             else:
                 if finish is None:
                     raise WorkbenchError(f"{where}: the stream ended without [DONE] or a "

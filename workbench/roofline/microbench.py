@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from datetime import date
 
 from workbench.machine import cpu_name
@@ -62,14 +63,16 @@ def _timer(device: str, reps: int = 7):
     return run_cpu
 
 
-def _graph(fn):
-    """fn captured in a CUDA graph; returns the replay callable."""
+def capture_graph(fn: Callable, warmup: int = 1) -> Callable:
+    """Capture `fn()` in a CUDA graph after `warmup` calls on a side stream; returns its replay
+    (one launch for the whole call: timing it leaves out the host's launch overhead)."""
     import torch
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        fn()
+        for _ in range(warmup):
+            fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -105,7 +108,7 @@ def stream_fit(device: str, dtype, sizes_mb: list[float], total_mb: float, cols:
             for w in mats:
                 F.linear(x, w)
 
-        fn = _graph(chain) if device == "cuda" else chain
+        fn = capture_graph(chain) if device == "cuda" else chain
         times.append(timer(fn) / count)
         sizes.append(rows * cols * x.element_size())
         del mats
