@@ -27,11 +27,18 @@ Variants per case:
                       with --tune also at other launch settings (block_n, warps, stages).
   squeezed            the full kernel path, lookup included: centroid keep flags, select_chunks,
                       sparse attention of context and user parts, LSE merge (one-level).
+  squeezed (separate / fused select)  the other choice than the default, which selects
+                      inside the attention launch (`select_and_attend`) for decode and in
+                      its own launch (`select_chunks`) for prefill.
+  squeezed (fused, chunk C)  fused, C context positions per split (default: ~512 programs).
   squeezed-hier       the same with the two-level lookup.
   squeezed (layer alloc)  one-level with allocation 'layer' (the evaluated default): estimates,
                       then whole clusters by an on-device argsort per query block.
   squeezed (1 set)    prefill only: one key set for all 512 user queries (the paper's choice).
   squeezed (block 64) prefill only: one key set per 64 user queries (fewer gathered bytes).
+  dense flash bound   prefill only: SDPA's flash kernel over the context keys, no mask: a lower
+                      bound on any dense prefill (the masked SDPA above falls back to a slower
+                      kernel); `best_variant_vs_flash_bound` in the targets.
 
 The baseline of each speedup is the faster of dense SDPA with native GQA and dense SDPA over
 K/V expanded to every query head beforehand.
@@ -216,6 +223,23 @@ def dense_sdpa(q, k, v, scaling):
                                               enable_gqa=gqa)
 
 
+def flash_bound(q, k, v, scaling):
+    """A lower bound on dense prefill time: SDPA's flash kernel over the context keys only, no
+    mask (the 512 user keys and their causal mask would add to it). Not a correct attention for
+    the user part: a timing reference for the best dense kernel, K/V expanded for GQA when the
+    flash kernel refuses enable_gqa."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        try:
+            return F.scaled_dot_product_attention(q, k, v, scale=scaling,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
+        except RuntimeError:
+            g = q.shape[1] // k.shape[1]
+            return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1),
+                                                  v.repeat_interleave(g, 1), scale=scaling)
+
+
 def gather_sdpa(q, k, v, idx_one, n, scaling):
     """torch.gather of the kept context rows (one set per KV head, idx_one (b, kv, m) int64)
     plus the user keys, then SDPA."""
@@ -388,6 +412,12 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
     impls["squeezed"] = lambda: fast_squeezed_attention(plan16, 0, q, k, v, 16, backend)
     impls["squeezed-hier"] = lambda: fast_squeezed_attention(plans[(True, 16)], 0, q, k, v, 16,
                                                              backend)
+    other = mode != "decode"               # the default fuses selection for decode only
+    impls[f"squeezed ({'fused' if other else 'separate'} select)"] = \
+        lambda: fast_squeezed_attention(plan16, 0, q, k, v, 16, backend, fused_select=other)
+    for ch in (2048, 8192):
+        impls[f"squeezed (fused, chunk {ch})"] = (lambda c=ch: fast_squeezed_attention(
+            plan16, 0, q, k, v, 16, backend, fused_select=True, chunk=c))
     plan_layer = layer_plan(plan16, budget)
     impls["squeezed (layer alloc)"] = lambda: fast_squeezed_attention(plan_layer, 0, q, k, v,
                                                                       16, backend)
@@ -395,6 +425,7 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
         meta_profile[f"{shape.name} n{n // 1024}K {mode} 1/{round(1 / budget)}"] = \
             kernel_profile(impls["squeezed"], device)
     if mode == "prefill":
+        impls["dense flash bound"] = lambda: flash_bound(q, k[:, :, :n], v[:, :, :n], scaling)
         impls["squeezed (1 set)"] = lambda: fast_squeezed_attention(
             plans[(False, None)], 0, q, k, v, None, backend)
         plans[(False, 64)] = _one_layer(random_plan(shape, n, q, budget, False, 64, gen, dtype,
@@ -479,6 +510,11 @@ def targets(rows: list[dict]) -> dict:
                          "best_variant_speedup": variants.get(best_variant),
                          "floor_target_met": (r.get("floor_ratio") or 99) <= 1.5
                          if mode == "decode" else None}
+            bound = sel.get("dense flash bound", {}).get("median_ms")
+            if bound and best_variant:
+                fastest = min(x for x in (sel[best_variant]["median_ms"],
+                                          sel[best_variant].get("graph_ms")) if x)
+                out[name]["best_variant_vs_flash_bound"] = bound / fastest
     return out
 
 

@@ -39,6 +39,7 @@ from workbench.errors import WorkbenchError
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
+SELECT_SUB = 2048     # positions one fused selection step scans with a prefix sum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,9 +93,11 @@ if HAS_TRITON:
         sk_b, sk_h, sk_n,                   # k (b, kv, n, d)
         sv_b, sv_h, sv_n,                   # v
         si_row,                             # indices (rows = b*kv*nb, L)
+        keep_ptr, lab_ptr, n_keys, n_sink, window, skeep_row, slab_h,   # fused selection
         so_b, so_h, so_t, so_s,             # o (b, hq, q_len, n_splits, d)
         sl_b, sl_h, sl_t,                   # lse (b, hq, q_len, n_splits), split stride 1
         CAUSAL: tl.constexpr, CHUNKED: tl.constexpr, FP32_DOT: tl.constexpr,
+        FUSED: tl.constexpr, SUB: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         prog = tl.program_id(0)             # (batch, kv head, block of queries, tile of rows)
@@ -123,7 +126,27 @@ if HAS_TRITON:
                 idx_end = start                 # no index to read
             else:
                 start = split * split_len
-                end = start + tl.load(cnt_ptr + pid * n_ctx_splits + split)
+                if FUSED:
+                    # select this chunk's kept positions (see `select_and_attend`) into its own
+                    # slot of the index scratch, then attend over them: no select launch
+                    total = tl.sum(tl.zeros([SUB], tl.int32), axis=0)
+                    slot = idx_ptr + pid.to(tl.int64) * si_row + start
+                    for s0 in range(0, split_len, SUB):
+                        offs = start + s0 + tl.arange(0, SUB)
+                        inb = offs < n_keys
+                        fixed = (offs < n_sink) | (offs >= n_keys - window)
+                        mid = inb & ~fixed
+                        lab = tl.load(lab_ptr + h * slab_h + (offs - n_sink), mask=mid, other=0)
+                        kept = tl.load(keep_ptr + pid.to(tl.int64) * skeep_row + lab, mask=mid,
+                                       other=0) != 0
+                        m = ((inb & fixed) | (mid & kept)).to(tl.int32)
+                        tl.store(slot + total + tl.cumsum(m, axis=0) - 1, offs, mask=m != 0)
+                        total += tl.sum(m, axis=0)
+                    tl.debug_barrier()           # the slot is written by this program's threads
+                    tl.store(cnt_ptr + pid * n_ctx_splits + split, total, mask=rtile == 0)
+                    end = start + total
+                else:
+                    end = start + tl.load(cnt_ptr + pid * n_ctx_splits + split)
                 idx_end = end
         else:
             start = split * split_len
@@ -244,45 +267,114 @@ def sparse_attention(q, k, v, indices, counts, block_size: int | None, scaling: 
                                               user_len)
         return sparse_attention_reference(q, k, v, indices, counts, block_size, scaling,
                                           causal_start)
+    tuning = {"block_n": 64, "num_warps": 4, **(tuning or {})}
+    width = indices.shape[-1]
+    if chunked:
+        n_ctx = counts.shape[-1]
+        split_len = width // n_ctx
+    else:
+        programs = b * kv * nb * math.ceil(hq // kv * bs / 64)   # (row, tile of query rows)
+        n_ctx = n_splits or choose_splits(programs, width, tuning["block_n"])
+        split_len = max(tuning["block_n"], math.ceil(math.ceil(width / n_ctx) / tuning["block_n"])
+                        * tuning["block_n"])
+        n_ctx = max(1, math.ceil(width / split_len)) if width else 1
+    idx = indices.reshape(b * kv * nb, width).to(torch.int32).contiguous()
+    cnt = counts.reshape(b * kv * nb, -1).to(torch.int32).contiguous()
+    return _launch(q, k, v, idx, cnt, block_size, scaling, n_ctx, split_len, chunked,
+                   causal_start, user_start, user_len, tuning, backend)
+
+
+def _launch(q, k, v, idx, cnt, block_size, scaling, n_ctx, split_len, chunked, causal_start,
+            user_start, user_len, tuning, backend, select=None):
+    """One `_sparse_attention_kernel` launch (n_ctx context splits + the user splits), then the
+    merge. idx (rows, L) int32, cnt (rows, n_ctx or 1) int32 (written by the kernel when
+    `select` = (keep (rows, k) uint8, labels (kv, n_mid), n, n_sink, window) is given)."""
+    b, hq, q_len, d = q.shape
+    kv = k.shape[1]
     g = hq // kv
+    nb, bs = block_layout(q_len, block_size)
     rows = b * kv * nb
     interp = is_interpreted(_sparse_attention_kernel)
     block_r = max(16, min(64, _next_pow2(g * bs)))      # rows of one program (a tile of the
     n_rtiles = math.ceil(g * bs / block_r)                # block's group * bs query rows)
     block_d = max(16, _next_pow2(d))
-    tuning = {"block_n": 64, "num_warps": 4, **(tuning or {})}
-    block_n = tuning["block_n"]
-    width = indices.shape[-1]
-    if chunked:
-        n_ctx = counts.shape[-1]
-        split_len = width // n_ctx
-        splits = n_ctx + math.ceil(user_len / split_len)
-    else:
-        splits = n_splits or choose_splits(rows * n_rtiles, width, block_n)
-        split_len = max(block_n, math.ceil(math.ceil(width / splits) / block_n) * block_n)
-        splits = max(1, math.ceil(width / split_len)) if width else 1
-        n_ctx = splits
+    splits = n_ctx + (math.ceil(user_len / split_len) if chunked else 0)
     o = torch.empty(b, hq, q_len, splits, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, q_len, splits, dtype=torch.float32, device=q.device)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
-    idx = indices.reshape(rows, width).to(torch.int32).contiguous()
-    cnt = counts.reshape(rows, -1).to(torch.int32).contiguous()
+    if select is None:
+        keep, lab, n_keys, n_sink, window = cnt, cnt, 0, 0, 0   # unused pointers
+    else:
+        keep, lab, n_keys, n_sink, window = select
     _sparse_attention_kernel[(rows * n_rtiles, splits)](
         q, k, v, idx, cnt, o, lse,
         q_len, g, bs, nb, kv, d, split_len, float(scaling) * LOG2E,
         0 if causal_start is None else int(causal_start), n_rtiles, n_ctx, user_start, user_len,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), idx.stride(0),
+        keep, lab, n_keys, n_sink, window, keep.stride(0), lab.stride(0),
         o.stride(0), o.stride(1), o.stride(2), o.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
         CAUSAL=causal_start is not None, CHUNKED=chunked, FP32_DOT=_fp32_dot(q, k, interp),
-        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=tuning["num_warps"],
+        FUSED=select is not None,
+        SUB=min(SELECT_SUB, _next_pow2(split_len)) if select is not None else 16,
+        BLOCK_R=block_r, BLOCK_N=tuning["block_n"], BLOCK_D=block_d,
+        num_warps=tuning["num_warps"],
         **({"num_stages": tuning["num_stages"]} if "num_stages" in tuning else {}))
     if splits == 1:
         return o[:, :, :, 0], lse[..., 0]
     return merge_attention_partials(o, lse, backend=backend)
+
+
+def select_and_attend(q, k, v, keep, labels, n: int, n_sink: int, window: int,
+                      block_size: int | None, scaling: float, *, causal_start: int | None = None,
+                      user_start: int = 0, user_len: int = 0, chunk: int | None = None,
+                      backend: str = "auto", tuning: dict | None = None):
+    """`select_chunks` fused into `sparse_attention` (chunked mode): each context split first
+    compacts the kept positions of its own chunk (sink and window always, cluster labels[p -
+    n_sink] kept in keep[b, kv, block]) into its slot of an index scratch, then attends over
+    them; the user tokens are further splits, as in `sparse_attention`. One launch + the merge
+    instead of two launches + the merge, and the indices never make a round trip through a
+    separate kernel. keep (b, kv, nb, k) bool; labels (kv, n - n_sink - window) int16/int32.
+    Returns (o (b, hq, q_len, d), lse (b, hq, q_len), counts (b, kv, nb, n_chunks) int32)."""
+    from kernels.squeezed_select import chunk_size, select_chunks_reference
+
+    b, hq, q_len, d = q.shape
+    kv = k.shape[1]
+    nb, bs = block_layout(q_len, block_size)
+    if keep.dtype != torch.bool or tuple(keep.shape[:3]) != (b, kv, nb) \
+            or labels.shape != (kv, n - n_sink - window):
+        raise WorkbenchError(f"select_and_attend: expected keep ({b}, {kv}, {nb}, k) bool and "
+                             f"labels ({kv}, {n - n_sink - window}); got {keep.dtype} "
+                             f"{tuple(keep.shape)} and {tuple(labels.shape)}.")
+    # ~512 programs (about 4 per H200 SM): on the H200 at 128K, decode ran fastest at chunk
+    # 8192 for 32 KV heads and 2048 for 8 (benchmarks/results/squeezed_nvidia_h200.json)
+    chunk = chunk or chunk_size(n, b * kv * nb, target_programs=512)
+    if chunk != _next_pow2(chunk) and chunk % SELECT_SUB:
+        raise WorkbenchError(f"select_and_attend: chunk must be a power of two or a multiple of "
+                             f"{SELECT_SUB}, got {chunk}.")
+    which = pick_backend(backend, (q, k, v), _sparse_attention_kernel, op="select_and_attend",
+                         supported_dtypes=SUPPORTED_DTYPES)
+    if which == "torch":
+        idx, cnt = select_chunks_reference(keep, labels, n, n_sink, window, chunk)
+        o, lse = sparse_attention(q, k, v, idx, cnt, block_size, scaling,
+                                  causal_start=causal_start, user_start=user_start,
+                                  user_len=user_len, backend="torch")
+        return o, lse, cnt
+    rows = b * kv * nb
+    n_chunks = math.ceil(n / chunk)
+    idx = torch.empty(rows, n_chunks * chunk, dtype=torch.int32, device=q.device)
+    cnt = torch.empty(rows, n_chunks, dtype=torch.int32, device=q.device)
+    kp = keep.contiguous().view(torch.uint8).reshape(rows, keep.shape[-1])
+    lab = labels if labels.dtype in (torch.int16, torch.int32) and labels.is_contiguous() \
+        else labels.to(torch.int32).contiguous()
+    tuning = {"block_n": 64, "num_warps": 4, **(tuning or {})}
+    o, lse = _launch(q, k, v, idx, cnt, block_size, scaling, n_chunks, chunk, True,
+                     causal_start, user_start, user_len, tuning, backend,
+                     select=(kp, lab, n, n_sink, window))
+    return o, lse, cnt.reshape(b, kv, nb, n_chunks)
 
 
 def squeezed_context_attention(q, k, v, mask, block_size: int | None, scaling: float, *,

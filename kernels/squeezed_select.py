@@ -13,8 +13,10 @@ centroid_keep(q, centroids, log_sizes, scaling, block_size, threshold) -> keep
          logits themselves, so the centroids are read once);
       2. merge each row's partials into lse_r (once per row, not once per tile);
       3. p_k = mean_r exp(s_rk - lse_r), keep = p_k >= threshold.
-    Bytes: centroids once (few rows) or twice (prefill blocks, where storing the logits of every
-    row would cost more), + 2 partials per row and tile + 1 byte per centroid and row of blocks.
+    Bytes: centroids once (at most 16 query rows per KV head: the logits are kept) or twice
+    (prefill, where storing the logits of every row would cost more), + 2 partials per row and
+    tile (stored tile-major, so that a tile's rows are written together) + 1 byte per centroid
+    and row of blocks.
 
 select_chunks(keep, labels, n, n_sink, window, chunk) -> (indices, counts)
     Kept key positions, compacted chunk by chunk: position p of the context is kept when
@@ -143,8 +145,9 @@ if HAS_TRITON:
                 l_sum = tl.sum(tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None]),
                                axis=1)
                 row = pid.to(tl.int64) * n_rows_pad + r
-                tl.store(m_ptr + row * n_tiles + kt, m, mask=r < n_rows_pad)
-                tl.store(l_ptr + row * n_tiles + kt, l_sum, mask=r < n_rows_pad)
+                part = (pid.to(tl.int64) * n_tiles + kt) * n_rows_pad + r   # tile-major
+                tl.store(m_ptr + part, m, mask=r < n_rows_pad)
+                tl.store(l_ptr + part, l_sum, mask=r < n_rows_pad)
                 if STORE:
                     tl.store(s_ptr + row[:, None] * n_cent + kk[None, :], s,
                              mask=row_ok[:, None] & (kk < n_cent)[None, :])
@@ -156,15 +159,16 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         row = pid.to(tl.int64) * n_rows_pad + r
+        base = pid.to(tl.int64) * n_tiles * n_rows_pad + r       # partials are tile-major
         tt0 = tl.arange(0, BLOCK_T)
         m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_R], tl.float32)
         for t0 in range(0, n_tiles, BLOCK_T):
             tt = t0 + tt0
             ok = (r < n_rows_pad)[:, None] & (tt < n_tiles)[None, :]
-            m = tl.load(m_ptr + row[:, None] * n_tiles + tt[None, :], mask=ok,
-                        other=float("-inf"))
-            l_t = tl.load(l_ptr + row[:, None] * n_tiles + tt[None, :], mask=ok, other=0.0)
+            part = base[:, None] + tt[None, :].to(tl.int64) * n_rows_pad
+            m = tl.load(m_ptr + part, mask=ok, other=float("-inf"))
+            l_t = tl.load(l_ptr + part, mask=ok, other=0.0)
             m_new = tl.maximum(m_i, tl.max(m, axis=1))
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp(m_i - shift) + tl.sum(l_t * tl.exp(m - shift[:, None]), axis=1)
@@ -284,8 +288,11 @@ def centroid_keep(q, centroids, log_sizes, scaling: float, block_size: int | Non
     block_k = 64 if interp or block_r > 16 else 128
     n_tiles = math.ceil(k / block_k)
     n_rows_pad = math.ceil(g * bs / block_r) * block_r
-    store = g * bs <= 16                     # decode: keep the logits, read centroids once
-    m = torch.empty(rows, n_rows_pad, n_tiles, dtype=torch.float32, device=q.device)
+    # few rows per KV head (decode): keep the logits, read the centroids once; more rows
+    # (prefill): recompute them (writing and re-reading 4 bytes per row and centroid cost
+    # more than the tensor-core dot of a second pass)
+    store = g * bs * nb <= 16
+    m = torch.empty(rows, n_tiles, n_rows_pad, dtype=torch.float32, device=q.device)
     l_sum = torch.empty_like(m)
     s = torch.empty(rows, n_rows_pad, k if store else 1, dtype=torch.float32, device=q.device)
     args = (q_len, k, g, bs, nb, kv, d, float(scaling), n_rows_pad, n_tiles,

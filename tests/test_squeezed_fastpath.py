@@ -43,8 +43,9 @@ def synthetic_index(n=203, kv=2, hq=6, d=32, n_sink=4, window=8, layers=1, seed=
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("hierarchical", [False, True])
-@pytest.mark.parametrize("q_len,block", [(1, 16), (11, 4), (9, None)])
-def test_fast_path_equals_cpu_path(backend, hierarchical, q_len, block):
+@pytest.mark.parametrize("q_len,block,fused", [(1, 16, True), (11, 4, True), (9, None, True),
+                                               (1, 16, False), (11, 4, False)])
+def test_fast_path_equals_cpu_path(backend, hierarchical, q_len, block, fused):
     index, keys = synthetic_index()
     gen = torch.Generator().manual_seed(1)
     n, kv, d = index.context_len, index.kv_heads, index.head_dim
@@ -62,7 +63,7 @@ def test_fast_path_equals_cpu_path(backend, hierarchical, q_len, block):
     plan = DevicePlan.from_index(index, budget, hierarchical=hierarchical, block_size=block,
                                  device=DEVICE, dtype=torch.float32)
     got = fast_squeezed_attention(plan, 0, q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), block,
-                                  backend=backend)
+                                  backend=backend, fused_select=fused)
     torch.testing.assert_close(got.cpu(), want, atol=2e-5, rtol=2e-5)
 
 

@@ -106,3 +106,41 @@ def test_chunked_sparse_attention_with_user_part(case):
                                          causal_start=causal, user_start=n, user_len=u,
                                          backend="triton"),
         flat_reference, (q, k, v), names=("o", "lse"), context=ctx)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", [(1, 8, 2, 1, 16, 700, 9, 128, torch.int16),     # decode, GQA
+                                  (1, 4, 4, 37, 16, 301, 40, 64, torch.int32),    # prefill, odd
+                                  (2, 6, 3, 19, None, 4500, 19, 4096, torch.int16)])  # 2 steps
+def test_select_and_attend_fused(case):
+    """Selection fused into the attention launch: the same output and lse as select_chunks +
+    sparse_attention's reference, and the same kept counts per chunk."""
+    from kernels.squeezed_attention import select_and_attend
+
+    b, hq, kv, q_len, block, n, u, chunk, label_dtype = case
+    gen, ctx = _gen()
+    d = 32
+    q = torch.randn(b, hq, q_len, d, generator=gen).to(DEVICE, torch.bfloat16)
+    k = torch.randn(b, kv, n + u, d, generator=gen).to(DEVICE, torch.bfloat16)
+    v = torch.randn(b, kv, n + u, d, generator=gen).to(DEVICE, torch.bfloat16)
+    nb = 1 if block is None or block >= q_len else math.ceil(q_len / block)
+    keep = (torch.rand(b, kv, nb, 31, generator=gen) < 0.25).to(DEVICE)
+    labels = torch.randint(0, 31, (kv, n - 4 - 16), generator=gen).to(DEVICE, label_dtype)
+    causal = n + u - q_len
+    _, rcnt = select_chunks_reference(keep, labels, n, 4, 16, chunk)
+    counts = {}
+
+    def fused(q, k, v):
+        o, lse, counts["got"] = select_and_attend(q, k, v, keep, labels, n, 4, 16, block,
+                                                  d ** -0.5, causal_start=causal, user_start=n,
+                                                  user_len=u, chunk=chunk, backend="triton")
+        return o, lse
+
+    def reference(q, k, v):
+        o, lse, _ = select_and_attend(q, k, v, keep, labels, n, 4, 16, block, d ** -0.5,
+                                      causal_start=causal, user_start=n, user_len=u,
+                                      chunk=chunk, backend="torch")
+        return o, lse
+
+    assert_matches_reference(fused, reference, (q, k, v), names=("o", "lse"), context=ctx)
+    assert torch.equal(counts["got"], rcnt), ctx

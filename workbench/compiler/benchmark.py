@@ -272,7 +272,7 @@ def random_weights_backend(folder: Path, device: str = "cuda"):
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder),
-                                             torch_dtype=torch.bfloat16).to(device).eval()
+                                             dtype=torch.bfloat16).to(device).eval()
     return LocalChat(model, tok, name="SmolLM2-135M architecture, random weights, "
                      + torch.cuda.get_device_name(0))
 
