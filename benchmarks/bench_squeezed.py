@@ -31,6 +31,7 @@ Variants per case:
                       inside the attention launch (`select_and_attend`) for decode and in
                       its own launch (`select_chunks`) for prefill.
   squeezed (fused, chunk C)  fused, C context positions per split (default: ~512 programs).
+  squeezed (cfg)      with --tune: the default path at other attention launch settings.
   squeezed-hier       the same with the two-level lookup.
   squeezed (layer alloc)  one-level with allocation 'layer' (the evaluated default): estimates,
                       then whole clusters by an on-device argsort per query block.
@@ -338,7 +339,9 @@ TUNINGS = (
     (("block_n", 64), ("num_warps", 8)),
     (("block_n", 128), ("num_warps", 8)),
     (("block_n", 64), ("num_warps", 4), ("num_stages", 3)),
+    (("block_n", 64), ("num_warps", 4), ("num_stages", 1)),
     (("block_n", 32), ("num_warps", 2)),
+    (("block_n", 16), ("num_warps", 2)),
 )
 
 
@@ -418,6 +421,10 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
     for ch in (2048, 8192):
         impls[f"squeezed (fused, chunk {ch})"] = (lambda c=ch: fast_squeezed_attention(
             plan16, 0, q, k, v, 16, backend, fused_select=True, chunk=c))
+    if tune and can_triton:
+        for cfg in TUNINGS:
+            impls[f"squeezed {cfg}"] = (lambda c=cfg: fast_squeezed_attention(
+                plan16, 0, q, k, v, 16, backend, tuning=dict(c)))
     plan_layer = layer_plan(plan16, budget)
     impls["squeezed (layer alloc)"] = lambda: fast_squeezed_attention(plan_layer, 0, q, k, v,
                                                                       16, backend)

@@ -157,14 +157,16 @@ def kept_centroids(plan: DevicePlan, layer: int, q: torch.Tensor, block_size: in
 def fast_squeezed_attention(plan: DevicePlan, layer: int, q: torch.Tensor, k: torch.Tensor,
                             v: torch.Tensor, block_size: int | None = 16,
                             backend: str = "auto", return_counts: bool = False,
-                            fused_select: bool | None = None, chunk: int | None = None):
+                            fused_select: bool | None = None, chunk: int | None = None,
+                            tuning: dict | None = None):
     """Squeezed attention of user queries q (b, hq, q_len, d), the last q_len of the keys
     k, v (b, kv, n + u, d) whose first n = plan.context_len are the fixed context.
     fused_select: the attention launch selects each chunk's kept positions itself
     (`select_and_attend`); False: a separate `select_chunks` launch first; None (default):
     fused for decode (one query), separate for prefill, the faster of the two on the H200
     (fused decode 2.21x vs 1.94x dense at 128K, 1/8, Llama-3 shape; prefill blocks 2.86 vs
-    2.58 ms for Llama-2). chunk: context positions per split (default: `chunk_size`'s).
+    2.58 ms for Llama-2). chunk: context positions per split (default: `chunk_size`'s). tuning: launch settings of the attention
+    kernel (block_n, num_warps, num_stages), for benchmarks.
     Returns (b, hq, q_len, d), and with return_counts also the kept counts (b, kv, n_blocks)."""
     n = plan.context_len
     q_len = q.shape[2]
@@ -177,11 +179,11 @@ def fast_squeezed_attention(plan: DevicePlan, layer: int, q: torch.Tensor, k: to
         out, _, cnt = select_and_attend(q, k, v, keep, plan.labels[layer], n, plan.n_sink,
                                         plan.window, block_size, plan.scaling,
                                         causal_start=n + u - q_len, user_start=n, user_len=u,
-                                        chunk=chunk, backend=backend)
+                                        chunk=chunk, backend=backend, tuning=tuning)
     else:
         idx, cnt, _ = select_chunks(keep, plan.labels[layer], n, plan.n_sink, plan.window,
                                     chunk, backend=backend)
         out, _ = sparse_attention(q, k, v, idx, cnt, block_size, plan.scaling,
                                   causal_start=n + u - q_len, user_start=n, user_len=u,
-                                  backend=backend)
+                                  backend=backend, tuning=tuning)
     return (out, cnt.sum(-1)) if return_counts else out
