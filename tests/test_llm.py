@@ -290,3 +290,20 @@ def test_prefix_cache_reuses_the_last_call_and_keeps_the_text(local):
     assert first.prompt_tokens < second.cached_tokens < second.prompt_tokens
     cached.clear_cache()
     assert cached.chat(nxt, max_tokens=2).cached_tokens == 0
+
+
+def test_static_cache_gives_the_same_text_and_reuses_prefixes(local, reference):
+    """LocalChat(static_cache=True) (the GPU decode path, eager here) writes the same greedy text
+    as the plain loop and starts a follow-up turn from the kept prefix."""
+    static = LocalChat(local.model, local.tokenizer, static_cache=True, static_len=256)
+    assert static.chat(PROMPT, max_tokens=MAX).text == reference.text
+    turn = [{"role": "user", "content": PROMPT},
+            {"role": "assistant", "content": reference.text},
+            {"role": "user", "content": "And 3+3?"}]
+    second = static.chat(turn, max_tokens=MAX)
+    assert second.text == local.chat(turn, max_tokens=MAX).text
+    assert 0 < second.cached_tokens < second.prompt_tokens
+    static.clear_cache()
+    assert static.chat(turn, max_tokens=2).cached_tokens == 0
+    with pytest.raises(WorkbenchError, match="static cache holds 256"):
+        static.chat("word " * 300, max_tokens=2)

@@ -210,6 +210,15 @@ def safe_length(text: str, stops: Sequence[str]) -> int:
 # Local Hugging Face model
 
 
+def _common_prefix(a: list[int], b: list[int]) -> list[int]:
+    k = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        k += 1
+    return a[:k]
+
+
 class LocalChat(ChatBackend):
     """Chat with a loaded HF causal LM (default: the embedded SmolLM2-135M-Instruct).
 
@@ -221,12 +230,19 @@ class LocalChat(ChatBackend):
     common token prefix; a concurrent call simply finds the slot empty. Reused prefill gives the
     same logits up to float rounding (greedy text can differ in rare near-ties). Call
     clear_cache() after changing the model's weights or hooks: the kept keys were made without.
+    static_cache: decode over a static KV cache of `static_len` positions (default: the model's
+    maximum, at most 4096), each one-token step replayed from a CUDA graph on a GPU
+    (`workbench.static_decode`): a small model's decode step is ~1,000 kernel launches, which
+    is what an eager GPU step spends its time on. Reuses the common prefix with the previous
+    call like prefix_cache. Meant for GPUs (on a CPU every step attends over all static_len
+    positions); a call made while another one is decoding falls back to the plain loop.
     """
 
     backend = "local"
 
     def __init__(self, model=None, tokenizer=None, name: str | None = None,
-                 prefix_cache: bool = False):
+                 prefix_cache: bool = False, static_cache: bool = False,
+                 static_len: int | None = None):
         from workbench.models import EMBEDDED_NAME, load_model
 
         if model is None or isinstance(model, str):
@@ -254,11 +270,21 @@ class LocalChat(ChatBackend):
         self.prefix_cache = prefix_cache
         self._slot: tuple[list[int], object] | None = None    # (token ids, their KV cache)
         self._slot_lock = threading.Lock()
+        self._decoder = None
+        self._decoder_lock = threading.Lock()
+        if static_cache:
+            from workbench.static_decode import StaticDecoder
+
+            self._decoder = StaticDecoder(model, static_len or min(self.max_positions or 4096,
+                                                                   4096))
 
     def clear_cache(self) -> None:
         """Forget the kept prefix (e.g. between two agents that must not share it)."""
         with self._slot_lock:
             self._slot = None
+        if self._decoder is not None:
+            with self._decoder_lock:
+                self._decoder.tokens = []
 
     def _take_prefix(self, ids: list[int]):
         """(k, cache holding ids[:k]) from the slot, or (0, None). Always leaves >= 1 id to run."""
@@ -312,6 +338,12 @@ class LocalChat(ChatBackend):
                                  f"allows {self.max_positions} positions in all. Shorten it.")
         if self.max_positions:
             max_tokens = min(max_tokens, self.max_positions - ids.shape[1])
+        if self._decoder is not None:
+            if ids.shape[1] >= self._decoder.max_len:
+                raise WorkbenchError(f"The prompt is {ids.shape[1]} tokens, but this LocalChat's "
+                                     f"static cache holds {self._decoder.max_len} positions; "
+                                     "pass a larger static_len.")
+            max_tokens = min(max_tokens, self._decoder.max_len - ids.shape[1])
         return StreamingReply(self._generate(ids, max_tokens, float(temperature), stops, seed,
                                              list(logits_processor or [])))
 
@@ -324,17 +356,25 @@ class LocalChat(ChatBackend):
             gen = torch.Generator(device=ids.device)
             gen.manual_seed(seed if seed is not None else torch.seed())
         all_ids = ids[0].tolist()
-        cached, past = self._take_prefix(all_ids)
+        dec = self._decoder if self._decoder is not None \
+            and self._decoder_lock.acquire(blocking=False) else None
+        if dec is not None:
+            cached, past = len(_common_prefix(dec.tokens, all_ids[:-1])), None
+        else:
+            cached, past = self._take_prefix(all_ids)
         step_in = ids[:, cached:]
         new: list[int] = []
         text, shown, finish = "", 0, "length"
         try:
             while len(new) < max_tokens:
                 with torch.no_grad():  # per step: grad mode must not leak to the caller across yields
-                    out = self.model(input_ids=step_in, use_cache=True,
-                                     **{self._cache_arg: past}, **self._extra)
-                    past = getattr(out, self._cache_arg)
-                    scores = out.logits[:, -1, :].float()  # (1, vocab)
+                    if dec is not None:    # static cache; one CUDA-graph replay per step on a GPU
+                        scores = (dec.step(new[-1]) if new else dec.prefill(all_ids))[None]
+                    else:
+                        out = self.model(input_ids=step_in, use_cache=True,
+                                         **{self._cache_arg: past}, **self._extra)
+                        past = getattr(out, self._cache_arg)
+                        scores = out.logits[:, -1, :].float()  # (1, vocab)
                     for proc in processors:
                         scores = proc(ids, scores)
                     if temperature > 0:
@@ -358,8 +398,11 @@ class LocalChat(ChatBackend):
                 if piece:
                     yield piece
         finally:
-            # the cache holds every id fed so far: the prompt and all new tokens but the last
-            self._keep_prefix(all_ids + new[:-1], past)
+            if dec is not None:
+                self._decoder_lock.release()
+            else:
+                # the cache holds every id fed so far: the prompt and all new tokens but the last
+                self._keep_prefix(all_ids + new[:-1], past)
         if len(text) > shown:  # the held-back tail (or a trailing U+FFFD at max_tokens)
             yield text[shown:]
         return ChatResult(text=text, prompt_tokens=prompt_len, completion_tokens=len(new),

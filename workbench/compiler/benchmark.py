@@ -260,10 +260,11 @@ def load_entries(path: Path) -> list:
     return [SimpleNamespace(**row) for row in json.loads(Path(path).read_text())]
 
 
-def random_weights_backend(folder: Path, device: str = "cuda"):
+def random_weights_backend(folder: Path, device: str = "cuda", static_cache: bool = False):
     """The embedded model's architecture and tokenizer with random bf16 weights: for timing the
     LLM steps on a GPU only (plans are teacher-forced, so the weights do not change the text;
-    the joiner's answer is noise of the same length for both agents)."""
+    the joiner's answer is noise of the same length for both agents). static_cache: decode
+    steps replayed from CUDA graphs (`LocalChat(static_cache=True)`)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -274,7 +275,9 @@ def random_weights_backend(folder: Path, device: str = "cuda"):
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder),
                                              dtype=torch.bfloat16).to(device).eval()
     return LocalChat(model, tok, name="SmolLM2-135M architecture, random weights, "
-                     + torch.cuda.get_device_name(0))
+                     + torch.cuda.get_device_name(0)
+                     + (", static cache + CUDA graphs" if static_cache else ""),
+                     static_cache=static_cache)
 
 
 def latency(n: int = 8, tool_latency: float = 2.0, backend=None, log=print,
@@ -537,6 +540,8 @@ def main(argv=None) -> None:
                     help="folder with config + tokenizer: random-weight model on the GPU")
     ap.add_argument("--name", default="latency", help="result file: compiler_<name>.json")
     ap.add_argument("--max-tokens", type=int, default=200, help="planner token limit")
+    ap.add_argument("--static-cache", action="store_true",
+                    help="with --random-weights: decode steps replayed from CUDA graphs")
     ap.add_argument("--no-prefix-cache", action="store_true",
                     help="latency: every LLM call prefills its whole prompt (both agents)")
     a = ap.parse_args(argv)
@@ -548,7 +553,8 @@ def main(argv=None) -> None:
     if a.which in ("nestful", "all"):
         print(write("nestful", nestful(), a.out_dir))
     if a.which in ("latency", "all"):
-        backend = random_weights_backend(a.random_weights) if a.random_weights else a.backend
+        backend = random_weights_backend(a.random_weights, static_cache=a.static_cache) \
+            if a.random_weights else a.backend
         entries = load_entries(a.entries) if a.entries else None
         res = latency(a.n or 8, a.tool_latency, backend, entries=entries,
                       prefix_cache=not a.no_prefix_cache)
