@@ -21,6 +21,16 @@ same joiner. Both include every LLM call's real time on this machine, and both r
 LocalChat with the prefix KV cache on (each ReAct step prefills only the new observation turn);
 the cache is cleared before each agent, and the agents alternate which goes first.
 
+On a GPU machine without the BFCL package or the model file (the H200 here): export the requests
+and carry them with the model's config and tokenizer files; the model gets random weights (the
+plans are teacher-forced, so only the timing matters), and --static-cache replays each decode
+step from a CUDA graph:
+
+    python -m workbench.compiler.benchmark export --n 8 --out-dir .gpu
+    cp ~/.cache/workbench/models/SmolLM2-135M-Instruct-Q4_1/{config,generation_config,tokenizer,tokenizer_config}.json .gpu/smollm2/
+    python -m workbench.compiler.benchmark latency --entries .gpu/latency_entries.json \
+        --random-weights .gpu/smollm2 --static-cache --name latency_h200   # on the GPU
+
 Endpoint rows (planning): only when WORKBENCH_OPENAI_BASE_URL is set; otherwise the result says
 "not configured" and nothing is tried.
 """
