@@ -27,7 +27,7 @@ plans are teacher-forced, so only the timing matters), and --static-cache replay
 step from a CUDA graph:
 
     python -m workbench.compiler.benchmark export --n 8 --out-dir .gpu
-    cp ~/.cache/workbench/models/SmolLM2-135M-Instruct-Q4_1/{config,generation_config,tokenizer,tokenizer_config}.json .gpu/smollm2/
+    cp ~/.cache/workbench/models/SmolLM2-135M-Instruct-Q4_1/{*.json,chat_template.jinja} .gpu/smollm2/
     python -m workbench.compiler.benchmark latency --entries .gpu/latency_entries.json \
         --random-weights .gpu/smollm2 --static-cache --name latency_h200   # on the GPU
 
