@@ -79,3 +79,19 @@ def test_decode_step_has_no_graph_break(model):
                          backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(step()[0].float(), dynamic_greedy(model, [3, 4, 5, 9], 0)[0])
+
+
+def test_failed_capture_falls_back_to_eager(model, monkeypatch):
+    """A model whose step cannot be captured still decodes (eagerly), with a warning."""
+    dec = StaticDecoder(model, max_len=32, use_graph=True)
+
+    def refuse():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(dec, "_capture", refuse)
+    first = dec.prefill([3, 4, 5])
+    with pytest.warns(UserWarning, match="capture failed"):
+        got = dec.step(int(first.argmax()))
+    assert not dec.use_graph
+    want = dynamic_greedy(model, [3, 4, 5], 1)[1]
+    torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)

@@ -21,6 +21,7 @@ cache); the graph is used only on CUDA. Not thread-safe: one decoder serves one 
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 
@@ -99,9 +100,16 @@ class StaticDecoder:
             raise WorkbenchError(f"StaticDecoder: the cache is full ({self.max_len} positions).")
         self._ids.fill_(int(token))
         self._pos.fill_(n)
-        if self.use_graph:
-            if self._graph is None:
+        if self.use_graph and self._graph is None:
+            try:
                 self._capture()
+            except Exception as error:  # noqa: BLE001 - any capture failure: run eager instead
+                warnings.warn(f"StaticDecoder: CUDA-graph capture failed ({type(error).__name__}: "
+                              f"{str(error)[:200]}); decoding eagerly on the static cache.",
+                              stacklevel=2)
+                self.use_graph, self._graph = False, None
+                self._set_length(n)
+        if self.use_graph:
             self._graph.replay()
             logits = self._graph_logits
         else:
