@@ -99,10 +99,10 @@ def test_method_names_and_errors():
         method("gptq", 3)
     with pytest.raises(WorkbenchError, match="bit width"):
         method("kivi")
-    assert ablation(3)[-1].name.endswith("KVQuant)") and len(leave_one_out(3)) == 9
+    assert ablation(3)[-1].name.endswith("KVQuant)") and len(leave_one_out(3)) == 10
     assert ablation(3)[-1] == replace(method("nuq3-1%"), name=ablation(3)[-1].name)
-    # Fisher-allocated key outliers by default at 2-3 bits, the paper's per-channel split at 4
-    assert method("nuq3-1%").key_outliers == "fisher" and method("nuq4-1%").key_outliers == "channel"
+    # one Fisher-allocated key outlier budget for the whole model, at every width
+    assert all(method(f"nuq{b}-1%").key_outliers == "fisher-model" for b in (2, 3, 4))
     with pytest.raises(WorkbenchError, match="key_outliers"):
         method("nuq3-1%", key_outliers="global")
 
@@ -125,6 +125,31 @@ def test_allocated_channel_ranges():
     q_lo, q_hi = _channel_ranges(x, 0.01)
     w = fisher.mean(0)
     assert float((w * (hi - lo) ** 2).sum()) < float((w * (q_hi - q_lo) ** 2).sum())
+
+
+def test_model_allocated_ranges(model_tok):
+    """One budget for all layers: a layer with heavy-tailed keys takes more than the fraction, a
+    light-tailed one less, the total stays at the fraction, and the sensitivity-weighted squared
+    range (what sets the rounding error) is smaller than with one budget per layer."""
+    from workbench.kvquant.calibration import allocated_channel_ranges, model_allocated_ranges
+
+    gen = torch.Generator().manual_seed(0)
+    n, t, h, d = 8, 257, 3, 64
+    light = torch.randn(n, t, h, d, generator=gen)
+    heavy = torch.randn(n, t, h, d, generator=gen)
+    heavy[..., :8] = torch.distributions.StudentT(2.0).sample((n, t, h, 8))
+    acts = [{"k": x, "gk": torch.full_like(x, 1e-3)} for x in (light, heavy)]
+    res = model_allocated_ranges(acts, Rotary(model_tok[0]), [0.0, 0.01], n_bins=64)
+    lo, hi = res["k.pre.0.01m.lo"], res["k.pre.0.01m.hi"]                # (2, H, D)
+    assert lo.shape == (2, h, d) and res["k.post.0.01m.count"].shape == (2, 64)
+    body = [x[:, 1:].reshape(-1, h, d) for x in (light, heavy)]         # the sink is left out
+    frac = [((x < lo[i]) | (x > hi[i])).float().mean() for i, x in enumerate(body)]
+    assert frac[1] > 0.01 > frac[0]
+    assert abs(float(sum(frac)) / 2 - 0.01) < 0.002
+    cost_model = float(((hi - lo) ** 2).sum())                           # equal Fisher weights
+    per_layer = [allocated_channel_ranges(x, torch.ones_like(x), 0.01) for x in body]
+    cost_layer = sum(float(((b - a) ** 2).sum()) for a, b in per_layer)
+    assert cost_model < cost_layer
 
 
 # ---- quantizers ------------------------------------------------------------------------------
@@ -235,6 +260,7 @@ def test_calibrate_save_load(model_tok, tmp_path, text_ids):
     cal = calibrate(model, ids=text_ids[:, :160].repeat(4, 1), progress=False)
     assert cal.tensors["k.pre.0.01.lo"].shape == (30, 3, 64)
     assert cal.tensors["k.pre.0.01a.hi"].shape == (30, 3, 64)          # Fisher-allocated
+    assert cal.tensors["k.post.0.01m.lo"].shape == (30, 3, 64)         # one budget, all layers
     path = cal.save(tmp_path / "c.safetensors")
     again = Calibration.load(path, model)
     assert torch.equal(again.tensors["v.0.01.fisher"], cal.tensors["v.0.01.fisher"])
@@ -254,6 +280,11 @@ def test_bad_input_errors(model_tok, calib):
         KVQuantCache(model, "nuq3-1%", other)
     with pytest.raises(WorkbenchError, match="outlier fractions"):
         KVQuantCache(model, replace(method("nuq3-1%"), outlier_fraction=0.05), calib)
+    older = Calibration({k: v for k, v in calib.tensors.items() if ".0.01m." not in k},
+                        calib.settings)                                  # before "fisher-model"
+    with pytest.raises(WorkbenchError, match="key_outliers='fisher-model'.*recalibrate"):
+        KVQuantCache(model, "nuq3-1%", older)
+    KVQuantCache(model, method("nuq3-1%", key_outliers="fisher"), older)  # older switch works
     # the checksum's last digits depend on the thread count; other shapes still refuse
     near = {**calib.settings["model"]}
     near["k_proj_checksum"] += 1e-3

@@ -11,7 +11,8 @@ What is measured, per layer (forward + backward passes of the real model, weight
 - per-channel key ranges (H, D): the outlier_fraction/2 and 1 - outlier_fraction/2 quantiles
   over calibration tokens (min and max for fraction 0), pre- and post-RoPE; and, for each
   fraction > 0, ranges whose outlier budget is shared across the layer's channels by Fisher
-  information (`allocated_channel_ranges`, variant suffix "a").
+  information (`allocated_channel_ranges`, variant suffix "a"), and ranges whose one budget is
+  shared across every layer's channels (variant suffix "m": sensitive layers get more).
 - histograms (n_bins over [-1, 1]) of the normalized inlier values, as counts and as summed
   Fisher information: the level tables for any bit width come from these by 1-D k-means in
   milliseconds (`levels.kmeans_levels`), so one calibration serves every method and bit width.
@@ -39,6 +40,7 @@ from workbench.kvquant.methods import QuantSpec
 from workbench.kvquant.quantize import LayerTables, _token_ranges
 
 FORMAT = "workbench-kvquant-calibration/1"
+KEY_OUTLIER_SUFFIX = {"channel": "", "fisher": "a", "fisher-model": "m"}   # key range variants
 MIN_CALIBRATION_TOKENS = 1024     # fewer tokens give noisy per-channel quantiles
 
 
@@ -52,7 +54,8 @@ class Calibration:
 
     tensors: "k.pre.<f>.lo"/".hi" (layers, H, D) key ranges; "<var>.count"/".fisher"
     (layers, n_bins) histograms for var in k.pre.<f>, k.post.<f>, v.<f>; "k.pre.<f>a" and
-    "k.post.<f>a" are the same with Fisher-allocated outlier thresholds.
+    "k.post.<f>a" are the same with Fisher-allocated outlier thresholds (one budget per layer),
+    "k.pre.<f>m" and "k.post.<f>m" with one budget over all layers.
     settings: how it was made (text source, windows, fractions, bins) and the model fingerprint.
     """
 
@@ -76,11 +79,12 @@ class Calibration:
         return _fkey(spec.outlier_fraction)
 
     def key_variant(self, spec: QuantSpec) -> str:
-        alloc = "a" if spec.key_outliers == "fisher" and spec.outlier_fraction > 0 else ""
+        alloc = KEY_OUTLIER_SUFFIX[spec.key_outliers] if spec.outlier_fraction > 0 else ""
         var = f"k.{'pre' if spec.pre_rope else 'post'}.{self._fraction(spec)}{alloc}"
         if f"{var}.lo" not in self.tensors:
-            raise WorkbenchError("This calibration file has no Fisher-allocated key outlier "
-                                 "ranges (made by an older version): recalibrate, or use "
+            raise WorkbenchError(f"This calibration file has no key outlier ranges for "
+                                 f"key_outliers={spec.key_outliers!r} (it was made by an older "
+                                 "version): recalibrate with workbench.kvquant.calibrate, or use "
                                  "key_outliers='channel'.")
         return var
 
@@ -269,6 +273,55 @@ def allocated_channel_ranges(x: torch.Tensor, fisher: torch.Tensor, fraction: fl
     return lo_c[pick // g, ar].view(h, d), hi_c[pick % g, ar].view(h, d)
 
 
+def key_histograms(var: str, kb, gb, lo, hi, fraction: float, n_bins: int) -> dict:
+    """Ranges and histograms of one key variant: kb, gb (M, H, D) keys and Fisher information,
+    lo, hi (H, D) -> {var.lo, var.hi: (H, D), var.count, var.fisher: (n_bins,)}."""
+    zero, scale = (hi + lo) / 2, ((hi - lo) / 2).clamp_min(1e-6)
+    u = (kb - zero) / scale
+    inl = (u.abs() <= 1) if fraction > 0 else torch.ones_like(u, dtype=torch.bool)
+    uc = u.clamp(-1, 1)
+    return {f"{var}.lo": lo, f"{var}.hi": hi, f"{var}.count": histogram(uc[inl], None, n_bins),
+            f"{var}.fisher": histogram(uc[inl], gb[inl], n_bins)}
+
+
+def _key_body(k_pre, gk, rotary: Rotary, rope: str):
+    """(N, T, H, D) pre-RoPE keys and their loss gradients -> keys and Fisher information
+    (M, H, D) of the tokens after the sink, pre- or post-RoPE (`rope`)."""
+    n, t, h, d = k_pre.shape
+    k, g = k_pre, gk
+    if rope == "post":
+        cos, sin = rotary.cos_sin(torch.arange(t))
+        def rot(x):                                             # rotate as (N, H, T, D)
+            return Rotary.apply(x.permute(0, 2, 1, 3), cos, sin).permute(0, 2, 1, 3)
+        k, g = rot(k_pre), rot(gk)
+    return k[:, 1:].reshape(-1, h, d), g[:, 1:].pow(2).reshape(-1, h, d)
+
+
+def model_allocated_ranges(acts: list[dict], rotary: Rotary, fractions, n_bins: int) -> dict:
+    """Key ranges whose outlier budget (`fraction` of all key elements of the model) is shared
+    across the channels of *every* layer by Fisher information (variant suffix "m").
+
+    `allocated_channel_ranges` over the (M, layers * H, D) keys of all layers at once: the loss
+    is one, so Fisher information compares across layers, and layers whose keys hurt more
+    (heavy-tailed, sensitive channels) get more of the budget. Returns, per variant, ranges
+    (layers, H, D) and histograms (layers, n_bins) like `calibrate_layer`."""
+    res: dict = {}
+    h = acts[0]["k"].shape[2]
+    for rope in ("pre", "post"):
+        views = [_key_body(a["k"], a["gk"], rotary, rope) for a in acts]
+        kb = torch.cat([v[0] for v in views], 1)                # (M, layers * H, D)
+        gb = torch.cat([v[1] for v in views], 1)
+        for f in [fr for fr in fractions if fr > 0]:
+            var = f"k.{rope}.{_fkey(f)}m"
+            lo, hi = allocated_channel_ranges(kb, gb, f)        # (layers * H, D)
+            per = [key_histograms(var, kb[:, i * h:(i + 1) * h], gb[:, i * h:(i + 1) * h],
+                                  lo[i * h:(i + 1) * h], hi[i * h:(i + 1) * h], f, n_bins)
+                   for i in range(len(acts))]
+            res.update({name: torch.stack([p[name] for p in per]) for name in per[0]})
+        del views, kb, gb
+    return res
+
+
 def calibrate_layer(k_pre, v, gk, gv, rotary: Rotary, fractions, n_bins: int) -> dict:
     """One layer's ranges and histograms from (N, T, H, D) activations and their gradients.
     Fisher information per element = gradient squared; post-RoPE gradients are the pre-RoPE
@@ -285,15 +338,8 @@ def calibrate_layer(k_pre, v, gk, gv, rotary: Rotary, fractions, n_bins: int) ->
     for rope, k, g in (("pre", k_pre, gk), ("post", k_post, gk_post)):
         kb, gb = k[:, body].reshape(-1, h, d), g[:, body].reshape(-1, h, d)     # (M, H, D)
         for f, alloc in [(fr, a) for fr in fractions for a in ("", "a")[:1 + (fr > 0)]]:
-            var = f"k.{rope}.{_fkey(f)}{alloc}"
             lo, hi = allocated_channel_ranges(kb, gb, f) if alloc else _channel_ranges(kb, f)
-            zero, scale = (hi + lo) / 2, ((hi - lo) / 2).clamp_min(1e-6)
-            u = (kb - zero) / scale
-            inl = (u.abs() <= 1) if f > 0 else torch.ones_like(u, dtype=torch.bool)
-            uc = u.clamp(-1, 1)
-            res[f"{var}.lo"], res[f"{var}.hi"] = lo, hi
-            res[f"{var}.count"] = histogram(uc[inl], None, n_bins)
-            res[f"{var}.fisher"] = histogram(uc[inl], gb[inl], n_bins)
+            res.update(key_histograms(f"k.{rope}.{_fkey(f)}{alloc}", kb, gb, lo, hi, f, n_bins))
     vb = to_bhtd(v[:, body])                                    # (N, H, T-1, D)
     gvb = to_bhtd(gv[:, body])
     for f in fractions:
@@ -344,7 +390,9 @@ def calibrate(model, tokenizer=None, *, ids: torch.Tensor | None = None, n_windo
     per_layer = [calibrate_layer(a["k"], a["v"], a["gk"], a["gv"], rotary, fractions, n_bins)
                  for a in tqdm(acts, desc="calibration (ranges, histograms)", disable=not progress)]
     tensors = {name: torch.stack([r[name] for r in per_layer]) for name in per_layer[0]}
+    tensors.update(model_allocated_ranges(acts, rotary, fractions, n_bins))
     settings = {"text": text, "outlier_fractions": fractions, "n_bins": n_bins,
+                "key_outliers": list(KEY_OUTLIER_SUFFIX),
                 "sink_tokens_excluded": 1, "model": model_fingerprint(model)}
     return Calibration(tensors, settings)
 
