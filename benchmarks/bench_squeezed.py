@@ -32,6 +32,8 @@ Variants per case:
                       its own launch (`select_chunks`) for prefill.
   squeezed (fused, chunk C)  fused, C context positions per split (default: ~512 programs).
   squeezed (cfg)      with --tune: the default path at other attention launch settings.
+  squeezed (clustered layout)  the same on a context whose rows are sorted by cluster
+                      (`workbench.squeezed.layout`): kept clusters are contiguous runs.
   squeezed-hier       the same with the two-level lookup.
   squeezed (layer alloc)  one-level with allocation 'layer' (the evaluated default): estimates,
                       then whole clusters by an on-device argsort per query block.
@@ -93,6 +95,7 @@ from kernels.squeezed_select import (
 )
 from kernels.testing import assert_matches_reference, fresh_seed
 from workbench.squeezed.fastpath import DevicePlan, fast_squeezed_attention, kept_centroids
+from workbench.squeezed.layout import clustered_plan, to_clustered
 from workbench.squeezed.lookup import weighted_threshold
 
 BUDGETS = (1 / 4, 1 / 8, 1 / 16)
@@ -425,6 +428,10 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
         for cfg in TUNINGS:
             impls[f"squeezed {cfg}"] = (lambda c=cfg: fast_squeezed_attention(
                 plan16, 0, q, k, v, 16, backend, tuning=dict(c)))
+    cplan = clustered_plan(plan16)             # the context's rows sorted by cluster (untimed)
+    kc, vc = to_clustered(cplan, 0, k, v)
+    impls["squeezed (clustered layout)"] = lambda: fast_squeezed_attention(cplan, 0, q, kc, vc,
+                                                                           16, backend)
     plan_layer = layer_plan(plan16, budget)
     impls["squeezed (layer alloc)"] = lambda: fast_squeezed_attention(plan_layer, 0, q, k, v,
                                                                       16, backend)

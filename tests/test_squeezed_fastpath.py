@@ -105,3 +105,29 @@ def test_layer_allocation_on_the_device(backend, hierarchical, q_len, block):
     assert bool((cpu.sum(dim=(1, 3)) - spent <= biggest).all())
     with pytest.raises(Exception, match="allocation"):
         DevicePlan.from_index(index, budget, device=DEVICE, allocation="capped")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("q_len,block", [(1, 16), (11, 4)])
+def test_clustered_layout_gives_the_same_attention(backend, q_len, block):
+    """Reordering the context's clustered middle by label (sink, window and user rows in place)
+    changes no output: attention over the fixed context is over a set of post-RoPE keys."""
+    from workbench.squeezed.layout import clustered_plan, to_clustered
+
+    index, keys = synthetic_index(n=301, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    n, kv, d = index.context_len, index.kv_heads, index.head_dim
+    u = q_len + 2
+    k = torch.cat([keys, torch.randn(kv, u, d, generator=gen)], 1)[None].to(DEVICE)
+    v = torch.randn(1, kv, n + u, d, generator=gen).to(DEVICE)
+    q = (torch.randn(1, index.q_heads, q_len, d, generator=gen) * 2).to(DEVICE)
+    plan = DevicePlan.from_index(index, 0.3, block_size=block, device=DEVICE,
+                                 dtype=torch.float32)
+    cplan = clustered_plan(plan)
+    assert bool((cplan.labels[..., 1:] >= cplan.labels[..., :-1]).all())
+    kc, vc = to_clustered(cplan, 0, k, v)
+    assert torch.equal(kc[:, :, :index.n_sink], k[:, :, :index.n_sink])
+    assert torch.equal(kc[:, :, n - index.window:], k[:, :, n - index.window:])
+    want = fast_squeezed_attention(plan, 0, q, k, v, block, backend=backend)
+    got = fast_squeezed_attention(cplan, 0, q, kc, vc, block, backend=backend)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)

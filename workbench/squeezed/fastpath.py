@@ -59,6 +59,9 @@ class DevicePlan:
     allocation: str = "threshold"
     layer_shares: tuple[float, ...] = ()
     member_counts: torch.Tensor | None = None    # (layers, kv, kf) float32: labelled keys
+    # clustered layout (workbench.squeezed.layout): labels sorted, order (layers, kv, n_mid)
+    # int64 is the permutation of the context's middle rows that sorts them; None: positions
+    order: torch.Tensor | None = None
 
     @classmethod
     def from_index(cls, index: SqueezedIndex, budget: float, *, hierarchical: bool = False,
