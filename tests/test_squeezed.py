@@ -340,3 +340,21 @@ def test_summary_reports_spend_and_targets():
     assert not met["ppl within 2% of dense at 1/8"]                        # +3.0%
     assert met["ppl better than streaming and quest at 1/4"]
     assert not met["spend within the budget at every budget"]              # 0.13 > 1/8
+
+
+def test_paired_items_counts_flips_against_dense():
+    from workbench.squeezed.evaluate import paired_items
+
+    def row(task, method, budget, facts, recall):
+        return {"task": task, "method": method, "budget": budget,
+                "answers": [{"correct": x} for x in facts],
+                "recall": [{"correct": x} for x in recall]}
+
+    rows = [row("a", "dense", 1.0, [True, True], [False]), row("a", "sq", 0.25, [True, False],
+                                                               [True]),
+            row("b", "dense", 1.0, [True], [True, False]), row("b", "sq", 0.25, [False], [True,
+                                                                                          False])]
+    t = paired_items(rows, "sq", 0.25)
+    assert (t["items"], t["both_right"], t["right_to_wrong"], t["wrong_to_right"],
+            t["both_wrong"]) == (6, 2, 2, 1, 1)
+    assert t["mcnemar_p"] == 1.0

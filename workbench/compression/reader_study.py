@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
 
 from workbench.compression.tasks import COLORS, Item
+from workbench.stats import paired, sign_test_p, wilson  # noqa: F401 (re-exported)
 
 METHODS = ("none", "sentence-bm25", "sentence-minilm", "longllmlingua")
 RATIOS = (2.0, 5.0, 10.0)
@@ -31,38 +31,6 @@ SLOW = ("longllmlingua",)    # ~130 s per 1K-token item at 3 ratios on the share
 
 
 # ---------------------------------------------------------------- bookkeeping (no model)
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval (lo, hi) for k successes out of n; (0, 1) when n == 0."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
-
-
-def sign_test_p(b: int, c: int) -> float:
-    """Exact two-sided McNemar p-value: b and c are the two kinds of discordant pairs."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
-
-
-def paired(base: list[bool], other: list[bool]) -> dict:
-    """Paired outcome counts of `other` against `base` (same items, same order)."""
-    if len(base) != len(other):
-        raise ValueError("paired() needs one outcome per item in both lists")
-    rw = sum(1 for a, b in zip(base, other, strict=True) if a and not b)
-    wr = sum(1 for a, b in zip(base, other, strict=True) if not a and b)
-    rr = sum(1 for a, b in zip(base, other, strict=True) if a and b)
-    return {"both_right": rr, "right_to_wrong": rw, "wrong_to_right": wr,
-            "both_wrong": len(base) - rr - rw - wr, "net": wr - rw,
-            "mcnemar_p": round(sign_test_p(rw, wr), 4)}
-
 
 def summarize(rows: list[dict]) -> dict:
     """Accuracy (k/n, Wilson 95%) per (method, ratio) and paired flips against 'none'. Each cell

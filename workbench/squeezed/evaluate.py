@@ -218,6 +218,26 @@ def items_right(r: dict) -> tuple[int, int]:
             r["questions"] + r.get("recall_items", 0))
 
 
+def item_outcomes(row: dict) -> list[bool]:
+    """Right/wrong of every far-back item of one result row (facts, then recall items)."""
+    return [bool(a["correct"]) for a in row.get("answers", [])] \
+        + [bool(a["correct"]) for a in row.get("recall", [])]
+
+
+def paired_items(rows: list[dict], method: str, budget: float) -> dict:
+    """`method` at `budget` against dense on the same far-back items (all tasks), as
+    `workbench.stats.paired`: right->wrong and wrong->right flips, exact McNemar p."""
+    from workbench.stats import paired
+
+    by = {(r["task"], r["method"], r["budget"]): r for r in rows}
+    base, other = [], []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        if (task, method, budget) in by and (task, "dense", 1.0) in by:
+            base += item_outcomes(by[(task, "dense", 1.0)])
+            other += item_outcomes(by[(task, method, budget)])
+    return {"method": method, "budget": budget, "items": len(base), **paired(base, other)}
+
+
 def check_targets(summary: list[dict], method: str = "squeezed") -> list[dict]:
     """The issue's quality targets for `method`, each {"target", "value", "met"}, from a summary:
     at 1/4 perplexity within 1% of dense and far-back items equal to dense (facts, and facts +
