@@ -80,6 +80,18 @@ def test_chunk_size_and_bad_chunks():
                       backend="torch")
 
 
+def _user_case(gen, b, hq, kv, q_len, block, n, u, label_dtype=torch.int64, d=32):
+    """bf16 q, k, v with n context + u user keys, and random keep flags (31 clusters) and
+    labels for the clustered middle (sink 4, window 16)."""
+    q = torch.randn(b, hq, q_len, d, generator=gen).to(DEVICE, torch.bfloat16)
+    k = torch.randn(b, kv, n + u, d, generator=gen).to(DEVICE, torch.bfloat16)
+    v = torch.randn(b, kv, n + u, d, generator=gen).to(DEVICE, torch.bfloat16)
+    nb = 1 if block is None or block >= q_len else math.ceil(q_len / block)
+    keep = (torch.rand(b, kv, nb, 31, generator=gen) < 0.25).to(DEVICE)
+    labels = torch.randint(0, 31, (kv, n - 4 - 16), generator=gen).to(DEVICE, label_dtype)
+    return q, k, v, keep, labels
+
+
 @needs_triton
 @pytest.mark.parametrize("case", [(1, 8, 2, 1, 16, 700, 9, 128),     # decode, GQA
                                   (1, 4, 4, 37, 16, 301, 40, 64),    # prefill blocks, odd u
@@ -88,12 +100,7 @@ def test_chunked_sparse_attention_with_user_part(case):
     b, hq, kv, q_len, block, n, u, chunk = case
     gen, ctx = _gen()
     d = 32
-    q = torch.randn(b, hq, q_len, d, generator=gen).to(DEVICE, torch.bfloat16)
-    k = torch.randn(b, kv, n + u, d, generator=gen).to(DEVICE, torch.bfloat16)
-    v = torch.randn(b, kv, n + u, d, generator=gen).to(DEVICE, torch.bfloat16)
-    nb = 1 if block is None or block >= q_len else math.ceil(q_len / block)
-    keep = torch.rand(b, kv, nb, 31, generator=gen) < 0.25
-    labels = torch.randint(0, 31, (kv, n - 4 - 16), generator=gen)
+    q, k, v, keep, labels = _user_case(gen, b, hq, kv, q_len, block, n, u, d=d)
     idx, cnt = select_chunks_reference(keep, labels, n, 4, 16, chunk)
     causal = n + u - q_len
 
@@ -120,12 +127,7 @@ def test_select_and_attend_fused(case):
     b, hq, kv, q_len, block, n, u, chunk, label_dtype = case
     gen, ctx = _gen()
     d = 32
-    q = torch.randn(b, hq, q_len, d, generator=gen).to(DEVICE, torch.bfloat16)
-    k = torch.randn(b, kv, n + u, d, generator=gen).to(DEVICE, torch.bfloat16)
-    v = torch.randn(b, kv, n + u, d, generator=gen).to(DEVICE, torch.bfloat16)
-    nb = 1 if block is None or block >= q_len else math.ceil(q_len / block)
-    keep = (torch.rand(b, kv, nb, 31, generator=gen) < 0.25).to(DEVICE)
-    labels = torch.randint(0, 31, (kv, n - 4 - 16), generator=gen).to(DEVICE, label_dtype)
+    q, k, v, keep, labels = _user_case(gen, b, hq, kv, q_len, block, n, u, label_dtype, d)
     causal = n + u - q_len
     _, rcnt = select_chunks_reference(keep, labels, n, 4, 16, chunk)
     counts = {}
