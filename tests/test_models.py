@@ -115,3 +115,19 @@ def test_embedder_offline():
     assert vecs.shape == (3, 384)
     sims = vecs @ vecs.T
     assert sims[0, 1] > sims[0, 2] + 0.3
+
+
+def test_int8_copy_leaves_the_float_model_alone(smollm):
+    """quantize_int8: Linear layers become dynamic-int8 in a copy; the float model is untouched
+    and the copy computes finite logits (its perplexity cost is in the docstring)."""
+    from workbench.models import quantize_int8
+
+    model, tokenizer = smollm
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = model(ids).logits
+        q = quantize_int8(model)
+        after, quant = model(ids).logits, q(ids).logits
+    assert q is not model and type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert type(q.model.layers[0].mlp.up_proj) is not torch.nn.Linear
+    assert torch.equal(before, after) and bool(torch.isfinite(quant).all())
