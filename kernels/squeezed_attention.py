@@ -35,6 +35,7 @@ import torch
 from kernels.dispatch import HAS_TRITON, is_interpreted, pick_backend, tl, triton
 from kernels.lse_merge import merge_attention_partials
 from kernels.squeezed_lookup import _fp32_dot, block_layout, block_rows, compact_mask
+from kernels.squeezed_select import chunk_size, compact_chunk, select_chunks_reference
 from workbench.errors import WorkbenchError
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -129,19 +130,10 @@ if HAS_TRITON:
                 if FUSED:
                     # select this chunk's kept positions (see `select_and_attend`) into its own
                     # slot of the index scratch, then attend over them: no select launch
-                    total = tl.sum(tl.zeros([SUB], tl.int32), axis=0)
-                    slot = idx_ptr + pid.to(tl.int64) * si_row + start
-                    for s0 in range(0, split_len, SUB):
-                        offs = start + s0 + tl.arange(0, SUB)
-                        inb = offs < n_keys
-                        fixed = (offs < n_sink) | (offs >= n_keys - window)
-                        mid = inb & ~fixed
-                        lab = tl.load(lab_ptr + h * slab_h + (offs - n_sink), mask=mid, other=0)
-                        kept = tl.load(keep_ptr + pid.to(tl.int64) * skeep_row + lab, mask=mid,
-                                       other=0) != 0
-                        m = ((inb & fixed) | (mid & kept)).to(tl.int32)
-                        tl.store(slot + total + tl.cumsum(m, axis=0) - 1, offs, mask=m != 0)
-                        total += tl.sum(m, axis=0)
+                    total = compact_chunk(idx_ptr + pid.to(tl.int64) * si_row + start,
+                                          keep_ptr + pid.to(tl.int64) * skeep_row,
+                                          lab_ptr + h * slab_h, start, split_len, n_keys, n_sink,
+                                          window, SUB)
                     tl.debug_barrier()           # the slot is written by this program's threads
                     tl.store(cnt_ptr + pid * n_ctx_splits + split, total, mask=rtile == 0)
                     end = start + total
@@ -339,8 +331,6 @@ def select_and_attend(q, k, v, keep, labels, n: int, n_sink: int, window: int,
     instead of two launches + the merge, and the indices never make a round trip through a
     separate kernel. keep (b, kv, nb, k) bool; labels (kv, n - n_sink - window) int16/int32.
     Returns (o (b, hq, q_len, d), lse (b, hq, q_len), counts (b, kv, nb, n_chunks) int32)."""
-    from kernels.squeezed_select import chunk_size, select_chunks_reference
-
     b, hq, q_len, d = q.shape
     kv = k.shape[1]
     nb, bs = block_layout(q_len, block_size)

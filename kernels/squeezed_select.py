@@ -223,30 +223,39 @@ if HAS_TRITON:
                          mask=kk < n_cent)
 
     @triton.jit
+    def compact_chunk(out_ptr, keep_row_ptr, lab_head_ptr, start, length, n, n_sink, window,
+                      SUB: tl.constexpr):
+        """Kept positions of [start, start + length) written ascending at out_ptr; returns how
+        many. Kept: the sink (< n_sink), the window (>= n - window), and positions p whose
+        cluster lab_head_ptr[p - n_sink] has a nonzero flag in keep_row_ptr. Shared by
+        `_select_chunks_kernel` and the fused attention (`select_and_attend`)."""
+        total = tl.sum(tl.zeros([SUB], tl.int32), axis=0)
+        for s0 in range(0, length, SUB):
+            offs = start + s0 + tl.arange(0, SUB)
+            inb = offs < n
+            fixed = (offs < n_sink) | (offs >= n - window)
+            mid = inb & ~fixed
+            lab = tl.load(lab_head_ptr + (offs - n_sink), mask=mid, other=0)
+            kept = tl.load(keep_row_ptr + lab, mask=mid, other=0) != 0
+            m = ((inb & fixed) | (mid & kept)).to(tl.int32)
+            tl.store(out_ptr + total + tl.cumsum(m, axis=0) - 1, offs.to(tl.int32), mask=m != 0)
+            total += tl.sum(m, axis=0)
+        return total
+
+    @triton.jit
     def _select_chunks_kernel(keep_ptr, lab_ptr, idx_ptr, cnt_ptr, n, n_sink, window, n_blocks,
                               kv_heads, n_chunks, chunk, sk_row, sl_h, SUB: tl.constexpr):
         row = tl.program_id(0)                  # (batch, kv head, block)
         c = tl.program_id(1)                    # chunk of positions
         h = (row // n_blocks) % kv_heads
         row64 = row.to(tl.int64)
-        out = idx_ptr + (row64 * n_chunks + c) * chunk
-        total = tl.sum(tl.zeros([SUB], tl.int32), axis=0)
-        for s0 in range(0, chunk, SUB):
-            offs = c * chunk + s0 + tl.arange(0, SUB)
-            inb = offs < n
-            fixed = (offs < n_sink) | (offs >= n - window)
-            mid = inb & ~fixed
-            lab = tl.load(lab_ptr + h * sl_h + (offs - n_sink), mask=mid, other=0)
-            kept = tl.load(keep_ptr + row64 * sk_row + lab, mask=mid, other=0) != 0
-            m = ((inb & fixed) | (mid & kept)).to(tl.int32)
-            pos = total + tl.cumsum(m, axis=0) - 1
-            tl.store(out + pos, offs.to(tl.int32), mask=m != 0)
-            total += tl.sum(m, axis=0)
+        total = compact_chunk(idx_ptr + (row64 * n_chunks + c) * chunk, keep_ptr + row64 * sk_row,
+                              lab_ptr + h * sl_h, c * chunk, chunk, n, n_sink, window, SUB)
         tl.store(cnt_ptr + row64 * n_chunks + c, total)
 
 else:
     _keep_partial_kernel = _keep_lse_kernel = _keep_final_kernel = None
-    _select_chunks_kernel = None
+    _select_chunks_kernel = compact_chunk = None
 
 
 # ----------------------------------------------------------------------------------------------
