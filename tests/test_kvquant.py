@@ -105,6 +105,10 @@ def test_method_names_and_errors():
     assert all(method(f"nuq{b}-1%").key_outliers == "fisher-model" for b in (2, 3, 4))
     with pytest.raises(WorkbenchError, match="key_outliers"):
         method("nuq3-1%", key_outliers="global")
+    # value outliers: f/2 per token tail by default; the model-wide allocation is a switch
+    assert all(method(f"nuq{b}-1%").value_outliers == "token" for b in (2, 3, 4))
+    with pytest.raises(WorkbenchError, match="value_outliers"):
+        method("nuq3-1%", value_outliers="channel")
 
 
 def test_allocated_channel_ranges():
@@ -150,6 +154,62 @@ def test_model_allocated_ranges(model_tok):
     per_layer = [allocated_channel_ranges(x, torch.ones_like(x), 0.01) for x in body]
     cost_layer = sum(float(((b - a) ** 2).sum()) for a, b in per_layer)
     assert cost_model < cost_layer
+
+
+def test_allocate_value_tails_is_exact():
+    """The dynamic program finds the cheapest per-layer (smallest, largest) split within the
+    budget: the same as trying every combination."""
+    import itertools
+
+    from workbench.kvquant.calibration import allocate_value_tails
+
+    gen = torch.Generator().manual_seed(1)
+    costs = [torch.rand(3, 3, generator=gen, dtype=torch.float64) for _ in range(3)]
+    for budget in (0, 2, 5):
+        got = allocate_value_tails(costs, budget)
+        best = min((sum(float(c[a, b]) for c, (a, b) in zip(costs, pick, strict=True)), pick)
+                   for pick in itertools.product(itertools.product(range(3), repeat=2), repeat=3)
+                   if sum(a + b for a, b in pick) <= budget)
+        assert int(got.sum()) <= budget
+        assert sum(float(c[a, b]) for c, (a, b) in zip(costs, got.tolist(), strict=True)) \
+            == pytest.approx(best[0])
+
+
+def test_model_value_tails():
+    """One value outlier budget for all layers: a layer whose tokens carry a few huge elements
+    takes more than f/2 per tail, a Gaussian layer less, the total per token stays the same, the
+    quantizer keeps exactly those elements, and the Fisher-weighted squared error of 3-bit
+    uniform rounding over both layers is smaller than with f/2 per tail in every layer."""
+    from workbench.kvquant.calibration import model_value_tails
+    from workbench.kvquant.quantize import token_tails
+
+    gen = torch.Generator().manual_seed(0)
+    n, t, h, d = 4, 129, 3, 64
+    light = torch.randn(n, t, h, d, generator=gen)
+    heavy = torch.randn(n, t, h, d, generator=gen)
+    spikes = torch.randint(0, h * d, (n, t, 3), generator=gen)
+    heavy.view(n, t, h * d).scatter_(-1, spikes, 30.0)                  # 3 huge per token
+    acts = [{"v": x, "gv": torch.full_like(x, 1e-2)} for x in (light, heavy)]
+    res = model_value_tails(acts, [0.0, 0.01], n_bins=64)
+    tails = res["v.0.01m.tails"]                                        # (2, 2)
+    k = token_tails(0.01, h, d)
+    assert res["v.0.01m.count"].shape == (2, 64)
+    assert int(tails.sum()) == 2 * k * 2                                # same total outliers
+    assert int(tails[1].sum()) > 2 * k > int(tails[0].sum())
+    lv = uniform_levels(3)
+    err = {}
+    for name, spec_tails in (("model", [tuple(r) for r in tails.tolist()]), ("token", [None] * 2)):
+        spec = method("kvquant", 3, levels="uniform", q_norm=False, sink_tokens=0,
+                      value_outliers="fisher-model" if name == "model" else "token")
+        total = 0.0
+        for x, tl in zip((light, heavy), spec_tails, strict=True):
+            xb = x.permute(0, 2, 1, 3)                                   # (B, H, T, D)
+            tables = LayerTables(lv, lv, lv, lv, value_tails=tl)
+            q = quantize(xb, spec, "v", tables)
+            assert q.outlier_index.numel() == n * t * (sum(tl) if tl else 2 * k)
+            total += float(((dequantize(q, spec, "v", tables) - xb) ** 2).sum())
+        err[name] = total
+    assert err["model"] < err["token"]
 
 
 # ---- quantizers ------------------------------------------------------------------------------
@@ -261,6 +321,7 @@ def test_calibrate_save_load(model_tok, tmp_path, text_ids):
     assert cal.tensors["k.pre.0.01.lo"].shape == (30, 3, 64)
     assert cal.tensors["k.pre.0.01a.hi"].shape == (30, 3, 64)          # Fisher-allocated
     assert cal.tensors["k.post.0.01m.lo"].shape == (30, 3, 64)         # one budget, all layers
+    assert int(cal.tensors["v.0.01m.tails"].sum()) == 30 * 2            # value budget, all layers
     path = cal.save(tmp_path / "c.safetensors")
     again = Calibration.load(path, model)
     assert torch.equal(again.tensors["v.0.01.fisher"], cal.tensors["v.0.01.fisher"])
@@ -285,6 +346,13 @@ def test_bad_input_errors(model_tok, calib):
     with pytest.raises(WorkbenchError, match="key_outliers='fisher-model'.*recalibrate"):
         KVQuantCache(model, "nuq3-1%", older)
     KVQuantCache(model, method("nuq3-1%", key_outliers="fisher"), older)  # older switch works
+    with pytest.raises(WorkbenchError, match="value_outliers='fisher-model'.*recalibrate"):
+        KVQuantCache(model, method("nuq3-1%", key_outliers="fisher",
+                                   value_outliers="fisher-model"), older)
+    # the shipped file has the value allocation: tails per layer, one total budget
+    tables = calib.tables(1, method("nuq3-1%", value_outliers="fisher-model"))
+    assert tables.value_tails is not None and calib.tables(1, method("nuq3-1%")).value_tails is None
+    assert int(calib.tensors["v.0.01m.tails"].sum()) == 2 * calib.layers
     # the checksum's last digits depend on the thread count; other shapes still refuse
     near = {**calib.settings["model"]}
     near["k_proj_checksum"] += 1e-3

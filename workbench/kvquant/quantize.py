@@ -41,6 +41,8 @@ class LayerTables:
     value_table: torch.Tensor
     key_lo: torch.Tensor | None = None  # (H, D) calibrated per-channel key range, or None
     key_hi: torch.Tensor | None = None
+    value_tails: tuple[int, int] | None = None  # per-token value outliers (smallest, largest)
+    #                                            allocated by calibration; None: f/2 per tail
 
 
 @dataclass
@@ -93,17 +95,28 @@ class Quantized:
                          torch.cat(parts_i).to(torch.int32), torch.cat(parts_d), new_b, h, d)
 
 
-def _token_ranges(x: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_tails(fraction: float, heads: int, head_dim: int) -> int:
+    """Outliers per tail of each token's values: round(f/2 * H * D), at least 1 (0 for f = 0)."""
+    return max(1, round(fraction / 2 * heads * head_dim)) if fraction > 0 else 0
+
+
+def _token_ranges(x: torch.Tensor, fraction: float, tails: tuple[int, int] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token ranges. x (B, H, n, D) -> lo, hi (B, H, n) of the inliers, outliers (B, H, n, D)
-    bool: the k largest and k smallest of each token over all heads, k = round(f/2 * H * D)."""
+    bool: the k largest and k smallest of each token over all heads, k = round(f/2 * H * D), or
+    the tails[0] smallest and tails[1] largest when `tails` is given (calibrated allocation)."""
     b, h, n, d = x.shape
     out = torch.zeros_like(x, dtype=torch.bool)
-    if fraction > 0:
-        k = max(1, round(fraction / 2 * h * d))
+    if tails is None:
+        k = token_tails(fraction, h, d)
+        tails = (k, k)
+    if fraction > 0 and max(tails) > 0:
         flat = x.permute(0, 2, 1, 3).reshape(b, n, h * d)              # (B, n, H*D)
         mask = torch.zeros_like(flat, dtype=torch.bool)
-        mask.scatter_(-1, flat.topk(k, dim=-1).indices, True)
-        mask.scatter_(-1, (-flat).topk(k, dim=-1).indices, True)
+        if tails[1]:
+            mask.scatter_(-1, flat.topk(tails[1], dim=-1).indices, True)
+        if tails[0]:
+            mask.scatter_(-1, (-flat).topk(tails[0], dim=-1).indices, True)
         out = mask.view(b, n, h, d).permute(0, 2, 1, 3)                 # (B, H, n, D)
     inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
     lo = torch.where(out, inf, x).amin(-1)
@@ -158,7 +171,8 @@ def quantize(x: torch.Tensor, spec: QuantSpec, kind: str, tables: LayerTables,
             outliers = None
         else:                                                           # per token
             group = 1
-            lo, hi, outliers = _token_ranges(x, frac)                   # (B, H, n)
+            tails = tables.value_tails if kind == "v" else None
+            lo, hi, outliers = _token_ranges(x, frac, tails)            # (B, H, n)
         stored_zero = ((hi + lo) / 2).half()
         stored_scale = ((hi - lo) / 2).clamp_min(1e-4).half()
         z = _expand(stored_zero.float(), x.shape, group)
