@@ -80,6 +80,8 @@ def test_achieved_ratio_within_5_percent_fast_methods(tokenizer, method, doc, st
 # a clean-clone make test)
 @example(method="sentence-lm", doc=6, start=0.4358180984909704, chars=1501, ratio=5.0,
          question=False)
+# a 22-token budget where adding one token re-tokenized 20 -> 23 (found by a clean-clone make test)
+@example(method="llmlingua", doc=0, start=0.6328125, chars=1200, ratio=14.0, question=False)
 @given(method=st.sampled_from(LM), doc=st.integers(0, 7), start=st.floats(0, 1),
        chars=st.integers(1200, 2500), ratio=st.floats(2, 20), question=st.booleans())
 def test_achieved_ratio_within_5_percent_lm_methods(tokenizer, method, doc, start, chars, ratio,

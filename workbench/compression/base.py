@@ -158,6 +158,24 @@ def render(tok: Tokenized, mask: np.ndarray, joiner: str,
     return joiner.join(parts), spans
 
 
+def _probe_sides(sides: dict, rank: np.ndarray, limit: int, attempt, budget: int) -> None:
+    """Single changes from the closest attempts on both sides of the budget: drop the worst kept
+    tokens of the one above, add the best dropped tokens to the one below, until a rendering
+    re-tokenizes to the budget exactly (a token whose text merges or splits moves the count by
+    more than one, so the one-sided probes can step over the budget)."""
+    for side in (1, -1):
+        if side not in sides:
+            continue
+        base = sides[side][1]
+        pool = np.flatnonzero(base if side > 0 else ~base)
+        pool = pool[np.argsort(rank[pool])]
+        for index in (pool[::-1] if side > 0 else pool)[:limit]:
+            trial = base.copy()
+            trial[index] = not trial[index]
+            if attempt(trial) == budget:
+                return
+
+
 def fit_mask(tokenizer, tok: Tokenized, scores: np.ndarray, budget: int, joiner: str = " ",
              mask: np.ndarray | None = None, rounds: int = 16, probes: int = 8):
     """Keep the `budget` best-scored tokens (or start from `mask`), then add or drop tokens by
@@ -179,6 +197,7 @@ def fit_mask(tokenizer, tok: Tokenized, scores: np.ndarray, budget: int, joiner:
     mask = mask.copy()
     strip = True  # stripped runs, unless the context is so much whitespace that they fall short
     best: list = []  # [ratio error, text, spans, mask] of the closest attempt
+    sides: dict = {}  # +1 / -1: (count, mask) of the closest attempt above / below the budget
 
     def attempt(candidate: np.ndarray) -> int:
         text, spans = render(tok, candidate, joiner, strip)
@@ -186,6 +205,9 @@ def fit_mask(tokenizer, tok: Tokenized, scores: np.ndarray, budget: int, joiner:
         error = abs(budget / max(count, 1) - 1)  # ~ |achieved ratio / requested - 1|
         if not best or error < best[0]:
             best[:] = [error, text, spans, candidate.copy()]
+        side = (count > budget) - (count < budget)
+        if side and (side not in sides or abs(count - budget) < abs(sides[side][0] - budget)):
+            sides[side] = (count, candidate.copy())
         return count
 
     last_sign, halve = 0, False
@@ -214,6 +236,8 @@ def fit_mask(tokenizer, tok: Tokenized, scores: np.ndarray, budget: int, joiner:
                 trial = mask.copy()
                 trial[index] = not trial[index]
                 attempt(trial)
+            if best[0] * budget > 0.5:   # none hit the budget (small budgets: one token is
+                _probe_sides(sides, rank, probes * 8, attempt, budget)   # several %)
             break
         mask[pool[:step]] = not mask[pool[0]]
     if not best:  # the last round switched to unstripped runs
