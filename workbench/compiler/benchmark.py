@@ -285,7 +285,8 @@ def random_weights_backend(folder: Path, device: str = "cuda", static_cache: boo
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder),
                                              dtype=torch.bfloat16).to(device).eval()
     return LocalChat(model, tok, name="SmolLM2-135M architecture, random weights, "
-                     + torch.cuda.get_device_name(0)
+                     + (torch.cuda.get_device_name(0) if str(device).startswith("cuda")
+                        else "cpu")
                      + (", static cache + CUDA graphs" if static_cache else ""),
                      static_cache=static_cache)
 
