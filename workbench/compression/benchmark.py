@@ -46,12 +46,12 @@ def read_answer(chat, item: Item, context: str) -> dict:
             "prompt_tokens": reply.prompt_tokens, "seconds": round(reply.seconds, 3)}
 
 
-def run_item(item: Item, tokenizer, methods, ratios, readers: dict, abstractive: bool):
-    """All rows of one item: one per (method, ratio); 'none' once at ratio 1."""
+def compressions(item: Item, tokenizer, methods, ratios):
+    """(method, ratio, result, compressor seconds) for one item: every method at every ratio,
+    'none' once at ratio 1; a method's question-independent preparation is timed once and
+    counted in each of its results."""
     tok = tokenize(tokenizer, item.context)
     for method in methods:
-        if method == "abstractive" and not abstractive:
-            continue
         comp = get_compressor(method)
         t0 = time.perf_counter()
         state = comp.prepare(tokenizer, tok, item.question)
@@ -59,14 +59,21 @@ def run_item(item: Item, tokenizer, methods, ratios, readers: dict, abstractive:
         for ratio in ((1.0,) if method == "none" else ratios):
             res = comp.compress(tokenizer, item.context, item.question, ratio, state=state,
                                 tok=tok)
-            row = {"task": item.task, "item": item.id, "method": method,
-                   "family": family(method), "ratio": ratio, **res.summary(),
-                   "compressor_s": round(prep + res.seconds, 3),
-                   "retention": float(item.retained(res.text)), "readers": {}}
-            for name, chat in readers.items():
-                if item.reader or name != "local":
-                    row["readers"][name] = read_answer(chat, item, res.text)
-            yield row
+            yield method, ratio, res, round(prep + res.seconds, 3)
+
+
+def run_item(item: Item, tokenizer, methods, ratios, readers: dict, abstractive: bool):
+    """All rows of one item: one per (method, ratio); 'none' once at ratio 1."""
+    methods = [m for m in methods if abstractive or m != "abstractive"]
+    for method, ratio, res, seconds in compressions(item, tokenizer, methods, ratios):
+        row = {"task": item.task, "item": item.id, "method": method,
+               "family": family(method), "ratio": ratio, **res.summary(),
+               "compressor_s": seconds, "retention": float(item.retained(res.text)),
+               "readers": {}}
+        for name, chat in readers.items():
+            if item.reader or name != "local":
+                row["readers"][name] = read_answer(chat, item, res.text)
+        yield row
 
 
 def _mean(xs):

@@ -119,26 +119,15 @@ def study_items(tokenizer, count: int = 20, n_tokens: int = 1024, seed: int = 7,
 
 def run_item(item: Item, tokenizer, chat, methods, ratios):
     """Rows of one item: 'none' once, every other method at every ratio."""
-    from workbench.compression.base import tokenize
-    from workbench.compression.benchmark import read_answer
-    from workbench.compression.methods import get_compressor
+    from workbench.compression.benchmark import compressions, read_answer
 
-    tok = tokenize(tokenizer, item.context)
-    for method in methods:
-        comp = get_compressor(method)
-        t0 = time.perf_counter()
-        state = comp.prepare(tokenizer, tok, item.question)
-        prep = time.perf_counter() - t0
-        for ratio in ((1.0,) if method == "none" else ratios):
-            res = comp.compress(tokenizer, item.context, item.question, ratio, state=state,
-                                tok=tok)
-            ans = read_answer(chat, item, res.text)
-            yield {"item": item.id, "method": method, "ratio": ratio,
-                   "achieved_ratio": round(res.achieved_ratio, 4),
-                   "tokens": res.summary().get("compressed_tokens"),
-                   "compressor_s": round(prep + res.seconds, 3),
-                   "retention": bool(item.retained(res.text)), "reply": ans["reply"],
-                   "correct": bool(ans["score"]), "reader_s": ans["seconds"]}
+    for method, ratio, res, seconds in compressions(item, tokenizer, methods, ratios):
+        ans = read_answer(chat, item, res.text)
+        yield {"item": item.id, "method": method, "ratio": ratio,
+               "achieved_ratio": round(res.achieved_ratio, 4),
+               "tokens": res.summary().get("compressed_tokens"), "compressor_s": seconds,
+               "retention": bool(item.retained(res.text)), "reply": ans["reply"],
+               "correct": bool(ans["score"]), "reader_s": ans["seconds"]}
 
 
 def plan(items, methods, ratios, slow=SLOW, slow_items: int | None = None, slow_ratios=None):
