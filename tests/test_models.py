@@ -131,3 +131,10 @@ def test_int8_copy_leaves_the_float_model_alone(smollm):
     assert q is not model and type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
     assert type(q.model.layers[0].mlp.up_proj) is not torch.nn.Linear
     assert torch.equal(before, after) and bool(torch.isfinite(quant).all())
+    # what the docstring warns of, computed: int8 costs this small model much of its perplexity
+    import pydoc_data.topics as topics
+
+    text = tokenizer(topics.topics["assert"][:1500], return_tensors="pt").input_ids[:, :256]
+    with torch.no_grad():
+        base, worse = model(text, labels=text).loss.exp(), q(text, labels=text).loss.exp()
+    assert float(worse / base) > 1.5, (float(base), float(worse))

@@ -180,7 +180,7 @@ def quantize_int8(model):
     int8 weights, activations quantized per call). On the 2-core CPU here SmolLM2-135M decodes
     ~2.4x faster (96 -> 39 ms per token measured), but this small model does not take it well:
     perplexity on 256 tokens of Python's docs went 17.2 -> 53.8 (46.8 with the LM head kept in
-    float). So: for speed experiments where the text is forced (`workbench.compiler.benchmark
+    float; tests/test_models.py recomputes it). So: for speed experiments where the text is forced (`workbench.compiler.benchmark
     latency --int8`), not as a faster drop-in for the float model."""
     import copy
     import warnings
