@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -143,3 +144,22 @@ def test_rejected_strict_plan_runs_nothing_after_the_error():
 
 def test_parse_plan_counts_plan_examples():
     assert parse_plan('1. fetch(key="a")\n2. join()\n', BOX).ok
+
+
+def test_timeline_round_trips_through_its_table_and_the_h200_latency_rows_redraw():
+    tl = Timeline(t0=0.0)
+    tl.add("planner", "planner (round 1)", 0.0, 0.5, "llm", tokens=106)
+    tl.add("tasks", "1. f(x=1)", 0.2, 2.2, "tool", idx=1, deps=[])
+    again = Timeline.from_table(tl.table())
+    assert again.table() == tl.table() and again.busy("tool") == tl.busy("tool")
+
+    from workbench.compiler.benchmark import RESULTS, recorded_runs
+    from workbench.widgets.plan_views import compare_figure
+
+    lat = json.loads((RESULTS / "compiler_latency_h200.json").read_text())
+    runs = recorded_runs(lat["rows"][0])
+    assert runs["llmcompiler"].timeline.table() == lat["rows"][0]["llmcompiler"]["spans"]
+    fig = compare_figure(runs["llmcompiler"], runs["react"])
+    bars = [t for t in fig.data if t.type == "bar"]
+    assert sum(len(t.x) for t in bars) == (len(lat["rows"][0]["llmcompiler"]["spans"])
+                                           + len(lat["rows"][0]["react"]["spans"]))

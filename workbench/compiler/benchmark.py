@@ -51,6 +51,7 @@ import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 
 from workbench.compiler.parser import END_MARKER, Ref, _show, check_dag
 from workbench.compiler.tools import Tool, Toolbox
@@ -268,7 +269,6 @@ def export_entries(n: int, path: Path) -> None:
 
 
 def load_entries(path: Path) -> list:
-    from types import SimpleNamespace
     return [SimpleNamespace(**row) for row in json.loads(Path(path).read_text())]
 
 
@@ -379,6 +379,17 @@ def _run_agent(name: str, chat, box, question: str, plan_text: str):
             question, forced_plan=plan_text)
     lines = plan_text.splitlines()[:-1]
     return ReAct(chat, box, constrained=False, max_steps=len(lines)).run(question, forced=lines)
+
+
+def recorded_runs(row: dict) -> dict:
+    """A latency row's two agents as objects the plan views draw (`compare_figure`): agent
+    name, end-to-end seconds and the timeline, rebuilt from the saved spans."""
+    from workbench.compiler.timeline import Timeline
+
+    return {name: SimpleNamespace(agent="LLMCompiler" if name == "llmcompiler" else "ReAct",
+                                  seconds=row[name]["seconds"],
+                                  timeline=Timeline.from_table(row[name]["spans"]))
+            for name in ("llmcompiler", "react")}
 
 
 def replay(row: dict, tool_latency: float, llm_scale: float = 1.0) -> dict:

@@ -67,6 +67,15 @@ class Timeline:
         """Sum of the durations of spans of one kind (overlaps counted twice)."""
         return sum(s.seconds for s in self.spans if s.kind == kind)
 
+    @classmethod
+    def from_table(cls, rows: list[dict]) -> Timeline:
+        """The inverse of `table()`: a timeline from saved rows (e.g. a benchmark's JSON)."""
+        tl = cls(t0=0.0)
+        for r in rows:
+            meta = {k[5:]: v for k, v in r.items() if k.startswith("meta_")}
+            tl.add(r["lane"], r["label"], r["start"], r["end"], r["kind"], **meta)
+        return tl
+
     def table(self) -> list[dict]:
         """Rows: lane, label, kind, start and end (s), and meta_* fields."""
         rows = []
