@@ -87,6 +87,13 @@ from kernels.squeezed_lookup import (
     compact_mask,
     compact_mask_reference,
 )
+from kernels.squeezed_prefill import (
+    prefill_keep,
+    prefill_keep_reference,
+    select_flat,
+    sparse_prefill,
+    sparse_prefill_reference,
+)
 from kernels.squeezed_select import (
     centroid_keep,
     centroid_keep_reference,
@@ -302,6 +309,51 @@ def check_correctness(device: str) -> list[str]:
             assert torch.equal(cc, rc) and torch.equal(ci[ok], ri[ok]), "select_chunks"
             lines.append(f"ok {str(dtype):15s} b{b} hq{hq} kv{kv} q{q_len} n{n} d{d}: "
                          + "; ".join(str(r) for r in rep))
+        lines += check_prefill_kernels(device, dtype, gen, seed)
+    return lines
+
+
+def _prefill_fns(idx, cnt, ridx, rcnt, block, scaling, causal, n, u, splits):
+    """(kernel, reference) of q, k, v for `assert_matches_reference`."""
+    def kernel(q, k, v):
+        return sparse_prefill(q, k, v, idx, cnt, block, scaling, causal_start=causal,
+                              user_start=n, user_len=u, n_splits=splits, backend="triton")
+
+    def reference(q, k, v):
+        return sparse_prefill_reference(q, k, v, ridx, rcnt, block, scaling, causal, n, u)
+
+    return kernel, reference
+
+
+def check_prefill_kernels(device: str, dtype, gen, seed) -> list[str]:
+    """kernels.squeezed_prefill against its references, at shapes with several 128-row tiles
+    (one set with GQA, per-block lists, user tokens before the queries, two splits)."""
+    lines = []
+    for (b, hq, kv, q_len, block, n, u, d, splits) in ((1, 8, 2, 100, None, 3001, 100, 128, None),
+                                                       (1, 6, 3, 37, 16, 777, 41, 64, 2),
+                                                       (2, 4, 4, 19, None, 301, 19, 40, 1)):
+        q = torch.randn(b, hq, q_len, d, generator=gen).to(device, dtype)
+        k = torch.randn(b, kv, n + u, d, generator=gen).to(device, dtype)
+        v = torch.randn(b, kv, n + u, d, generator=gen).to(device, dtype)
+        nb = 1 if block is None or block >= q_len else math.ceil(q_len / block)
+        keep = (torch.rand(b, kv, nb, 97, generator=gen) < 0.2).to(device)
+        labels = torch.randint(0, 97, (kv, n - 20), generator=gen).to(device, torch.int16)
+        idx, cnt = select_flat(keep, labels, n, 4, 16, backend="triton")
+        ridx, rcnt = select_flat(keep, labels, n, 4, 16, backend="torch")
+        ok = torch.arange(n, device=device) < rcnt[..., None]
+        assert torch.equal(cnt, rcnt) and torch.equal(idx[ok], ridx[ok]), "select_flat"
+        causal = n + u - q_len
+        rep = assert_matches_reference(
+            *_prefill_fns(idx, cnt, ridx, rcnt, block, d ** -0.5, causal, n, u, splits),
+            (q, k, v), names=("o", "lse"), context=f"(sparse_prefill seed {seed})")
+        c = torch.randn(kv, 301, d, generator=gen).to(device, dtype)
+        ln = torch.log(torch.randint(0, 40, (kv, 301), generator=gen).float()).to(device)
+        rep += assert_matches_reference(
+            lambda *a: prefill_keep(*a, backend="triton"), prefill_keep_reference,
+            (q, c, ln, d ** -0.5, block, None), names=("p",),
+            context=f"(prefill_keep seed {seed})")
+        lines.append(f"ok prefill {str(dtype):15s} b{b} hq{hq} kv{kv} q{q_len} n{n} d{d}: "
+                     + "; ".join(str(r) for r in rep))
     return lines
 
 
@@ -311,7 +363,8 @@ def check_fast_path(device: str, dtype) -> str:
     shape, n, u = Shape("check", 8, 2, 128), 4099, 37
     worst = 0.0
     for hierarchical in (False, True):
-        for q_len, block in ((1, 16), (u, 16), (u, None)):
+        for q_len, block, pre in ((1, 16, None), (u, 16, None), (u, None, None),
+                                  (u, 16, "chunks")):
             q = torch.randn(1, shape.q_heads, q_len, shape.head_dim, generator=gen)
             q = q.to(device, dtype)
             k = torch.randn(1, shape.kv_heads, n + u, shape.head_dim, generator=gen)
@@ -319,10 +372,11 @@ def check_fast_path(device: str, dtype) -> str:
             k, v = k.to(device, dtype), v.to(device, dtype)
             plan = _one_layer(random_plan(shape, n, q, 1 / 8, hierarchical, block, gen, dtype,
                                           device))
-            got = fast_squeezed_attention(plan, 0, q, k, v, block, backend="triton")
+            got = fast_squeezed_attention(plan, 0, q, k, v, block, backend="triton",
+                                          prefill=pre)
             ref = fast_squeezed_attention(plan, 0, q.double(), k.double(), v.double(), block,
-                                          backend="torch")
-            low = fast_squeezed_attention(plan, 0, q, k, v, block, backend="torch")
+                                          backend="torch", prefill=pre)
+            low = fast_squeezed_attention(plan, 0, q, k, v, block, backend="torch", prefill=pre)
             err = float((got.double() - ref).abs().max())
             torch_err = float((low.double() - ref).abs().max())
             worst = max(worst, err / max(torch_err, 1e-6))
@@ -345,6 +399,22 @@ TUNINGS = (
     (("block_n", 64), ("num_warps", 4), ("num_stages", 1)),
     (("block_n", 32), ("num_warps", 2)),
     (("block_n", 16), ("num_warps", 2)),
+)
+
+
+PREFILL_TUNINGS = (      # kernels.squeezed_prefill.sparse_prefill (default 128, 64, 8, 3)
+    (("block_m", 128), ("block_n", 64), ("num_warps", 8), ("num_stages", 2)),
+    (("block_m", 128), ("block_n", 128), ("num_warps", 8), ("num_stages", 2)),
+    (("block_m", 128), ("block_n", 32), ("num_warps", 4), ("num_stages", 3)),
+    (("block_m", 128), ("block_n", 64), ("num_warps", 4), ("num_stages", 3)),
+    (("block_m", 64), ("block_n", 64), ("num_warps", 4), ("num_stages", 3)),
+    (("block_m", 128), ("block_n", 64), ("num_warps", 8), ("num_stages", 4)),
+)
+KEEP_TUNINGS = (         # kernels.squeezed_prefill.prefill_keep (default 128, 64, 8, 2)
+    (("block_m", 64), ("block_k", 64), ("num_warps", 4), ("num_stages", 2)),
+    (("block_m", 128), ("block_k", 128), ("num_warps", 8), ("num_stages", 2)),
+    (("block_m", 128), ("block_k", 64), ("num_warps", 4), ("num_stages", 3)),
+    (("block_m", 64), ("block_k", 128), ("num_warps", 4), ("num_stages", 3)),
 )
 
 
@@ -371,7 +441,7 @@ def kernel_profile(fn, device: str, calls: int = 20, top: int = 10) -> list[str]
 
 def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: str,
                can_triton: bool, user: int = 512, tune: bool = False, profile: bool = False,
-               meta_profile: dict | None = None) -> list[dict]:
+               meta_profile: dict | None = None, tune_prefill: bool = False) -> list[dict]:
     gen = torch.Generator().manual_seed(fresh_seed())
     hq, kv, d = shape.q_heads, shape.kv_heads, shape.head_dim
     q_len = 1 if mode == "decode" else user
@@ -404,8 +474,39 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
     keep16 = kept_centroids(plan16, 0, q, 16, backend)
     idx16, cnt16, _ = select_chunks(keep16, plan16.labels[0], n, 4, 64, backend=backend)
     kept = float(cnt16.sum(-1).float().mean()) / n
-    impls["lookup only"] = lambda: select_chunks(kept_centroids(plan16, 0, q, 16, backend),
-                                                 plan16.labels[0], n, 4, 64, backend=backend)
+    if mode == "decode":
+        impls["lookup only"] = lambda: select_chunks(kept_centroids(plan16, 0, q, 16, backend),
+                                                     plan16.labels[0], n, 4, 64,
+                                                     backend=backend)
+    else:       # the prefill path's lookup: prefill_keep + select_flat
+        plan1 = plans[(False, None)]
+        impls["lookup only"] = lambda: select_flat(
+            kept_centroids(plan16, 0, q, 16, backend, rows=True), plan16.labels[0], n, 4, 64,
+            backend=backend)
+        impls["lookup only (1 set)"] = lambda: select_flat(
+            kept_centroids(plan1, 0, q, None, backend, rows=True), plan1.labels[0], n, 4, 64,
+            backend=backend)
+        impls["keep flags only (1 set)"] = lambda: kept_centroids(plan1, 0, q, None, backend,
+                                                                  rows=True)
+        fidx1, fcnt1 = select_flat(keep_one, plan1.labels[0], n, 4, 64, backend=backend)
+        fidx16, fcnt16 = select_flat(keep16, plan16.labels[0], n, 4, 64, backend=backend)
+
+        def prefill_only(idx, cnt, block, tuning=None, splits=None):
+            return sparse_prefill(q, k[:, :, :n], v[:, :, :n], idx, cnt, block, scaling,
+                                  n_splits=splits, backend=backend, tuning=tuning)
+
+        impls["sparse prefill only (ctx)"] = lambda: prefill_only(fidx16, fcnt16, 16)
+        impls["sparse prefill only (ctx, 1 set)"] = lambda: prefill_only(fidx1, fcnt1, None)
+        if tune_prefill and can_triton:
+            for cfg in PREFILL_TUNINGS:
+                impls[f"sparse prefill only (ctx, 1 set) {cfg}"] = (
+                    lambda c=cfg: prefill_only(fidx1, fcnt1, None, dict(c)))
+            impls["sparse prefill only (ctx, 1 set) 2 splits"] = (
+                lambda: prefill_only(fidx1, fcnt1, None, splits=2))
+            for cfg in KEEP_TUNINGS:
+                impls[f"keep flags only (1 set) {cfg}"] = (lambda c=cfg: prefill_keep(
+                    q, plan1.fine[0], plan1.fine_log_sizes[0], plan1.scaling, None,
+                    plan1.fine_threshold, backend=backend, tuning=dict(c)))
 
     def sparse_only(tuning=None):
         return sparse_attention(q, k[:, :, :n], v[:, :, :n], idx16, cnt16, 16, scaling,
@@ -418,12 +519,15 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
     impls["squeezed"] = lambda: fast_squeezed_attention(plan16, 0, q, k, v, 16, backend)
     impls["squeezed-hier"] = lambda: fast_squeezed_attention(plans[(True, 16)], 0, q, k, v, 16,
                                                              backend)
-    other = mode != "decode"               # the default fuses selection for decode only
-    impls[f"squeezed ({'fused' if other else 'separate'} select)"] = \
-        lambda: fast_squeezed_attention(plan16, 0, q, k, v, 16, backend, fused_select=other)
-    for ch in (2048, 8192):
-        impls[f"squeezed (fused, chunk {ch})"] = (lambda c=ch: fast_squeezed_attention(
-            plan16, 0, q, k, v, 16, backend, fused_select=True, chunk=c))
+    if mode == "decode":                   # the other choice than the default fused select
+        impls["squeezed (separate select)"] = lambda: fast_squeezed_attention(
+            plan16, 0, q, k, v, 16, backend, fused_select=False)
+        for ch in (2048, 8192):
+            impls[f"squeezed (fused, chunk {ch})"] = (lambda c=ch: fast_squeezed_attention(
+                plan16, 0, q, k, v, 16, backend, fused_select=True, chunk=c))
+    else:                                  # the chunked path the prefill used before
+        impls["squeezed (chunks prefill)"] = lambda: fast_squeezed_attention(
+            plan16, 0, q, k, v, 16, backend, prefill="chunks")
     if tune and can_triton:
         for cfg in TUNINGS:
             impls[f"squeezed {cfg}"] = (lambda c=cfg: fast_squeezed_attention(
@@ -435,13 +539,18 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
     plan_layer = layer_plan(plan16, budget)
     impls["squeezed (layer alloc)"] = lambda: fast_squeezed_attention(plan_layer, 0, q, k, v,
                                                                       16, backend)
-    if profile and can_triton:
-        meta_profile[f"{shape.name} n{n // 1024}K {mode} 1/{round(1 / budget)}"] = \
-            kernel_profile(impls["squeezed"], device)
     if mode == "prefill":
         impls["dense flash bound"] = lambda: flash_bound(q, k[:, :, :n], v[:, :, :n], scaling)
         impls["squeezed (1 set)"] = lambda: fast_squeezed_attention(
             plans[(False, None)], 0, q, k, v, None, backend)
+        impls["squeezed (1 set, chunks prefill)"] = lambda: fast_squeezed_attention(
+            plans[(False, None)], 0, q, k, v, None, backend, prefill="chunks")
+    if profile and can_triton:
+        key = f"{shape.name} n{n // 1024}K {mode} 1/{round(1 / budget)}"
+        meta_profile[key] = kernel_profile(impls["squeezed"], device)
+        if mode == "prefill":
+            meta_profile[key + " (1 set)"] = kernel_profile(impls["squeezed (1 set)"], device)
+    if mode == "prefill":
         plans[(False, 64)] = _one_layer(random_plan(shape, n, q, budget, False, 64, gen, dtype,
                                                     device))
         impls["squeezed (block 64)"] = lambda: fast_squeezed_attention(
@@ -542,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="GPU: kernel times of the "
                         "squeezed path at the largest context, budget 1/8 (torch.profiler)")
     parser.add_argument("--shapes", default=None, help="comma-separated shape names")
+    parser.add_argument("--prefill-only", action="store_true", help="skip the decode cases")
+    parser.add_argument("--tune-prefill", action="store_true", help="also time launch "
+                        "settings of the prefill kernels (one set) at the largest context, 1/8")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -574,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["kernel_profiles"] = profiles
     for shape in shapes:
         for n in contexts:
-            for mode in ("decode", "prefill"):
+            for mode in ("prefill",) if args.prefill_only else ("decode", "prefill"):
                 for budget in budgets:
                     t0 = time.perf_counter()
                     rows += bench_case(shape, n, mode, budget, dtype, device, can_triton,
@@ -582,7 +694,9 @@ def main(argv: list[str] | None = None) -> int:
                                        tune=args.tune and budget == 1 / 8
                                        and n == max(contexts),
                                        profile=args.profile and on_gpu and budget == 1 / 8
-                                       and n == max(contexts), meta_profile=profiles)
+                                       and n == max(contexts), meta_profile=profiles,
+                                       tune_prefill=args.tune_prefill and budget == 1 / 8
+                                       and n == max(contexts))
                     print(f"  {shape.name} n={n} {mode} 1/{round(1 / budget)}: "
                           f"{time.perf_counter() - t0:.1f} s", flush=True)
     meta["targets"] = targets(rows)

@@ -44,7 +44,8 @@ def synthetic_index(n=203, kv=2, hq=6, d=32, n_sink=4, window=8, layers=1, seed=
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("hierarchical", [False, True])
 @pytest.mark.parametrize("q_len,block,fused", [(1, 16, True), (11, 4, True), (9, None, True),
-                                               (1, 16, False), (11, 4, False)])
+                                               (1, 16, False), (11, 4, False),
+                                               (11, 4, None), (9, None, None)])   # rows path
 def test_fast_path_equals_cpu_path(backend, hierarchical, q_len, block, fused):
     index, keys = synthetic_index()
     gen = torch.Generator().manual_seed(1)
@@ -69,8 +70,8 @@ def test_fast_path_equals_cpu_path(backend, hierarchical, q_len, block, fused):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("hierarchical", [False, True])
-@pytest.mark.parametrize("q_len,block", [(1, 16), (11, 4)])
-def test_layer_allocation_on_the_device(backend, hierarchical, q_len, block):
+@pytest.mark.parametrize("q_len,block,rows", [(1, 16, False), (11, 4, False), (11, 4, True)])
+def test_layer_allocation_on_the_device(backend, hierarchical, q_len, block, rows):
     """allocation='layer' (the evaluated default): the device path keeps whole clusters in
     decreasing estimate, pooled over the KV heads, without passing the layer's share; what it
     keeps is a subset of the CPU selector's keys that misses at most one cluster per block
@@ -90,7 +91,7 @@ def test_layer_allocation_on_the_device(backend, hierarchical, q_len, block):
     cpu = sel.select(0, q, keys[None])                                      # (1, kv, nb, n)
     plan = DevicePlan.from_index(index, budget, hierarchical=hierarchical, block_size=block,
                                  device=DEVICE, dtype=torch.float32, allocation="layer")
-    keep = kept_centroids(plan, 0, q.to(DEVICE), block, backend)
+    keep = kept_centroids(plan, 0, q.to(DEVICE), block, backend, rows=rows)   # rows: prefill
     idx, cnt, _ = select_chunks(keep, plan.labels[0], n, index.n_sink, index.window,
                                 backend=backend)
     flat, fcnt = chunked_to_flat(idx, cnt, q_len, block)

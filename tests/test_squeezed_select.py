@@ -146,3 +146,82 @@ def test_select_and_attend_fused(case):
 
     assert_matches_reference(fused, reference, (q, k, v), names=("o", "lse"), context=ctx)
     assert torch.equal(counts["got"], rcnt), ctx
+
+
+# ----------------------------------------------------------------------------------------------
+# The prefill path (kernels.squeezed_prefill): query rows stationary, flat lists, 128-row tiles
+# (16 under the interpreter, so that small cases still span several tiles and segments)
+# ----------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(1, 8, 2, 37, None, 70, 32),    # one set, GQA 4: 10 tiles
+                                   (1, 4, 2, 7, 3, 41, 16),        # blocks of 6 rows: 2 a tile
+                                   (2, 6, 3, 11, 4, 33, 40)])      # odd d, 3 blocks, b 2
+def test_prefill_keep_kernel(shape):
+    from kernels.squeezed_prefill import prefill_keep, prefill_keep_reference
+
+    b, hq, kv, q_len, block, k, d = shape
+    gen, ctx = _gen()
+    q = torch.randn(b, hq, q_len, d, generator=gen).to(DEVICE)
+    c = torch.randn(kv, k, d, generator=gen).to(DEVICE)
+    sizes = torch.randint(0, 30, (kv, k), generator=gen).float()            # some size 0
+    ln = torch.log(sizes).to(DEVICE)
+    assert_matches_reference(
+        lambda *a: prefill_keep(*a, backend="triton"), prefill_keep_reference,
+        (q, c, ln, d ** -0.5, block, None), names=("p",), context=ctx)
+    p = prefill_keep_reference(q.double(), c.double(), ln.double(), d ** -0.5, block, None)
+    threshold = float(p.flatten().kthvalue(max(1, int(0.8 * p.numel()))).values)
+    got = prefill_keep(q, c, ln, d ** -0.5, block, threshold, backend="triton")
+    near = (p - threshold).abs() <= 1e-6 * threshold
+    assert got.dtype == torch.bool and bool(((got == (p >= threshold)) | near).all()), ctx
+
+
+@needs_triton
+@pytest.mark.parametrize("n, chunk", [(301, None), (4500, 2048), (5000, 1024)])
+def test_select_flat_kernel(n, chunk):
+    from kernels.squeezed_prefill import select_flat
+
+    gen, ctx = _gen()
+    b, kv, nb, k, n_sink, window = 1, 2, 3, 23, 4, 16
+    keep = (torch.rand(b, kv, nb, k, generator=gen) < 0.3).to(DEVICE)
+    keep[0, 1, 2] = False                                                   # sink + window only
+    labels = torch.randint(0, k, (kv, n - n_sink - window), generator=gen).to(DEVICE,
+                                                                             torch.int16)
+    idx, cnt = select_flat(keep, labels, n, n_sink, window, chunk, backend="triton")
+    ridx, rcnt = select_indices_reference(keep, labels, n, n_sink, window)
+    assert torch.equal(cnt, rcnt), ctx
+    ok = torch.arange(n, device=DEVICE) < cnt[..., None]
+    assert torch.equal(idx[ok], ridx[ok]), ctx
+
+
+@needs_triton
+@pytest.mark.parametrize("case", [
+    # b, hq, kv, q_len, block, n, u, splits
+    (1, 8, 2, 21, None, 300, 21, 1),      # one set, GQA 4, u == q_len: 6 row tiles
+    (1, 4, 4, 13, 5, 157, 17, 2),         # per-block lists, earlier user tokens, 2 splits
+    (2, 6, 3, 9, None, 90, 12, 3),        # b 2, GQA 2, 3 splits (one may be empty)
+])
+def test_sparse_prefill_kernel(case):
+    from kernels.squeezed_prefill import select_flat, sparse_prefill, sparse_prefill_reference
+
+    b, hq, kv, q_len, block, n, u, splits = case
+    gen, ctx = _gen()
+    d = 32
+    q, k, v, keep, labels = _user_case(gen, b, hq, kv, q_len, block, n, u, d=d)
+    idx, cnt = select_flat(keep, labels, n, 4, 16, backend="torch")
+    causal = n + u - q_len
+    assert_matches_reference(
+        lambda q, k, v: sparse_prefill(q, k, v, idx, cnt, block, d ** -0.5, causal_start=causal,
+                                       user_start=n, user_len=u, n_splits=splits,
+                                       backend="triton"),
+        lambda q, k, v: sparse_prefill_reference(q, k, v, idx, cnt, block, d ** -0.5, causal,
+                                                 n, u),
+        (q, k, v), names=("o", "lse"), context=f"{ctx} {case}")
+    # without user tokens: the same function as sparse_attention over the lists
+    want = sparse_attention_reference(q.float(), k.float(), v.float(), idx, cnt, block,
+                                      d ** -0.5)
+    got = sparse_prefill(q.float(), k.float(), v.float(), idx, cnt, block, d ** -0.5,
+                         n_splits=splits, backend="triton")
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5, msg=ctx)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5, msg=ctx)

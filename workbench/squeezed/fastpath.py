@@ -30,6 +30,7 @@ import torch
 
 from kernels.squeezed_attention import select_and_attend, sparse_attention
 from kernels.squeezed_lookup import block_rows, centroid_scores, compact_mask
+from kernels.squeezed_prefill import prefill_keep, select_flat, sparse_prefill
 from kernels.squeezed_select import centroid_keep, select_chunks
 from workbench.errors import WorkbenchError
 from workbench.squeezed.index import SqueezedIndex
@@ -119,10 +120,15 @@ def pruned_coarse_lse(q: torch.Tensor, coarse: torch.Tensor, coarse_log_sizes: t
 
 
 def centroid_estimates(plan: DevicePlan, layer: int, q: torch.Tensor,
-                       block_size: int | None, backend: str = "auto") -> torch.Tensor:
+                       block_size: int | None, backend: str = "auto",
+                       rows: bool = False) -> torch.Tensor:
     """(b, kv, nb, kf) float32: estimated attention per key of every fine centroid (0 for the
-    children of pruned coarse centroids, hierarchical)."""
+    children of pruned coarse centroids, hierarchical). rows: one-level estimates from the
+    prefill kernel (`kernels.squeezed_prefill.prefill_keep`, query rows stationary)."""
     if not plan.hierarchical:
+        if rows:
+            return prefill_keep(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
+                                block_size, None, backend=backend)
         return centroid_keep(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
                              block_size, None, backend=backend)
     pc = centroid_scores(q, plan.coarse[layer], plan.coarse_log_sizes[layer], plan.scaling,
@@ -144,12 +150,16 @@ def centroid_estimates(plan: DevicePlan, layer: int, q: torch.Tensor,
 
 
 def kept_centroids(plan: DevicePlan, layer: int, q: torch.Tensor, block_size: int | None,
-                   backend: str = "auto") -> torch.Tensor:
-    """(b, kv, nb, kf) bool: the fine centroids the plan's allocation keeps."""
+                   backend: str = "auto", rows: bool = False) -> torch.Tensor:
+    """(b, kv, nb, kf) bool: the fine centroids the plan's allocation keeps. rows: one-level
+    lookups through the prefill kernel (`prefill_keep`; the same flags)."""
     if plan.allocation == "layer":
-        p = centroid_estimates(plan, layer, q, block_size, backend)
+        p = centroid_estimates(plan, layer, q, block_size, backend, rows)
         return layer_allocation(p, plan.member_counts[layer], plan.layer_shares[layer],
                                 plan.labels.shape[-1])
+    if not plan.hierarchical and rows:
+        return prefill_keep(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
+                            block_size, plan.fine_threshold, backend=backend)
     if not plan.hierarchical:                   # fused: estimates never leave the kernel
         return centroid_keep(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
                              block_size, plan.fine_threshold, backend=backend)
@@ -161,20 +171,37 @@ def fast_squeezed_attention(plan: DevicePlan, layer: int, q: torch.Tensor, k: to
                             v: torch.Tensor, block_size: int | None = 16,
                             backend: str = "auto", return_counts: bool = False,
                             fused_select: bool | None = None, chunk: int | None = None,
-                            tuning: dict | None = None):
+                            tuning: dict | None = None, prefill: str | None = None):
     """Squeezed attention of user queries q (b, hq, q_len, d), the last q_len of the keys
     k, v (b, kv, n + u, d) whose first n = plan.context_len are the fixed context.
-    fused_select: the attention launch selects each chunk's kept positions itself
-    (`select_and_attend`); False: a separate `select_chunks` launch first; None (default):
-    fused for decode (one query), separate for prefill, the faster of the two on the H200
-    (fused decode 2.21x vs 1.94x dense at 128K, 1/8, Llama-3 shape; prefill blocks 2.86 vs
-    2.58 ms for Llama-2). chunk: context positions per split (default: `chunk_size`'s). tuning: launch settings of the attention
-    kernel (block_n, num_warps, num_stages), for benchmarks.
+
+    Decode (one query) and `fused_select` True/False: the chunked path. Context positions are
+    selected chunk by chunk, inside the attention launch (`select_and_attend`, fused_select
+    True, the default for decode: 2.21x vs 1.94x dense at 128K, 1/8, Llama-3 shape on the H200)
+    or in a separate `select_chunks` launch (False), one split per chunk, then the LSE merge.
+    chunk: context positions per split (default: `chunk_size`'s).
+
+    Prefill (q_len > 1) by default (`prefill` "rows"; "chunks" for the chunked path above):
+    `kernels.squeezed_prefill`, shaped for tensor cores: centroid flags with the query rows
+    stationary (`prefill_keep`), one flat kept list per block (`select_flat`), and a gathered
+    FlashAttention over 128-row tiles that covers the user tokens too (`sparse_prefill`).
+    tuning: launch settings of the attention kernel, for benchmarks.
     Returns (b, hq, q_len, d), and with return_counts also the kept counts (b, kv, n_blocks)."""
     n = plan.context_len
     q_len = q.shape[2]
     u = k.shape[2] - n
-    keep = kept_centroids(plan, layer, q, block_size, backend)
+    if prefill not in (None, "rows", "chunks"):
+        raise WorkbenchError(f"fast_squeezed_attention: prefill must be 'rows' or 'chunks', "
+                             f"not {prefill!r}.")
+    rows = q_len > 1 and fused_select is None and prefill != "chunks"
+    keep = kept_centroids(plan, layer, q, block_size, backend, rows=rows)
+    if rows:
+        idx, cnt = select_flat(keep, plan.labels[layer], n, plan.n_sink, plan.window,
+                               backend=backend)
+        out, _ = sparse_prefill(q, k, v, idx, cnt, block_size, plan.scaling,
+                                causal_start=n + u - q_len, user_start=n, user_len=u,
+                                backend=backend, tuning=tuning)
+        return (out, cnt) if return_counts else out
     if fused_select is None:
         fused_select = q_len == 1
     # one launch: kept context keys chunk by chunk + the user tokens (causal), then one merge
