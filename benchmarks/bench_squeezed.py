@@ -402,19 +402,21 @@ TUNINGS = (
 )
 
 
-PREFILL_TUNINGS = (      # kernels.squeezed_prefill.sparse_prefill (default 128, 64, 8, 3)
-    (("block_m", 128), ("block_n", 64), ("num_warps", 8), ("num_stages", 2)),
-    (("block_m", 128), ("block_n", 128), ("num_warps", 8), ("num_stages", 2)),
-    (("block_m", 128), ("block_n", 32), ("num_warps", 4), ("num_stages", 3)),
-    (("block_m", 128), ("block_n", 64), ("num_warps", 4), ("num_stages", 3)),
-    (("block_m", 64), ("block_n", 64), ("num_warps", 4), ("num_stages", 3)),
-    (("block_m", 128), ("block_n", 64), ("num_warps", 8), ("num_stages", 4)),
+PREFILL_TUNINGS = (      # kernels.squeezed_prefill.sparse_prefill (default 64, 64, 4 warps, 3)
+    (("block_m", 64), ("block_n", 32), ("num_warps", 4), ("num_stages", 3)),
+    (("block_m", 64), ("block_n", 32), ("num_warps", 4), ("num_stages", 4)),
+    (("block_m", 64), ("block_n", 64), ("num_warps", 4), ("num_stages", 2)),
+    (("block_m", 64), ("block_n", 128), ("num_warps", 4), ("num_stages", 2)),
+    (("block_m", 64), ("block_n", 64), ("num_warps", 8), ("num_stages", 3)),
+    (("block_m", 128), ("block_n", 128), ("num_warps", 8), ("num_stages", 3)),
+    (("block_m", 128), ("block_n", 64), ("num_warps", 8), ("num_stages", 3)),
 )
-KEEP_TUNINGS = (         # kernels.squeezed_prefill.prefill_keep (default 128, 64, 8, 2)
-    (("block_m", 64), ("block_k", 64), ("num_warps", 4), ("num_stages", 2)),
+KEEP_TUNINGS = (         # kernels.squeezed_prefill.prefill_keep (default 128, 64, 4, 3, trans)
+    (("block_m", 128), ("block_k", 64), ("num_warps", 4), ("num_stages", 3), ("trans", False)),
+    (("block_m", 128), ("block_k", 128), ("num_warps", 4), ("num_stages", 3)),
     (("block_m", 128), ("block_k", 128), ("num_warps", 8), ("num_stages", 2)),
-    (("block_m", 128), ("block_k", 64), ("num_warps", 4), ("num_stages", 3)),
-    (("block_m", 64), ("block_k", 128), ("num_warps", 4), ("num_stages", 3)),
+    (("block_m", 64), ("block_k", 64), ("num_warps", 4), ("num_stages", 3)),
+    (("block_m", 128), ("block_k", 64), ("num_warps", 8), ("num_stages", 3)),
 )
 
 

@@ -54,8 +54,9 @@ from workbench.errors import WorkbenchError
 
 LOG2E = 1.4426950408889634
 # launch settings (H200, bf16, d 128): tuned by benchmarks/bench_squeezed.py --tune
-ATTN_TUNING = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
-KEEP_TUNING = {"block_m": 128, "block_k": 64, "num_warps": 8, "num_stages": 2}
+# (the fastest of 7 / 5 settings in benchmarks/results/squeezed_quick_nvidia_h200.json)
+ATTN_TUNING = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3}
+KEEP_TUNING = {"block_m": 128, "block_k": 64, "num_warps": 4, "num_stages": 3, "trans": True}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ if HAS_TRITON:
         q_ptr, c_ptr, ln_ptr, part_ptr,
         q_len, n_cent, group, bs, n_blocks, kv_heads, head_dim, scaling2, rows_pad, n_rtiles,
         sq_b, sq_h, sq_t, sc_h, sc_k, sl_h,
-        NSEG: tl.constexpr, FP32_DOT: tl.constexpr,
+        NSEG: tl.constexpr, FP32_DOT: tl.constexpr, TRANS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         prog = tl.program_id(0)                 # (batch, kv head, tile of padded rows)
@@ -139,24 +140,43 @@ if HAS_TRITON:
         w = tl.where(has, w, 0.0)
         # pass 2: sum_r w_r exp(s_rk - lse_r) per segment (block) of the tile
         out = part_ptr + prog.to(tl.int64) * NSEG * n_cent
+        if TRANS:
+            # centroids as the rows of the dot (c x^T): the sum over query rows runs along the
+            # accumulator's columns, inside each warp, instead of across warps
+            xt = tl.trans(x)
         for c0 in range(0, n_cent, BLOCK_K):
             kk = c0 + k0
             ok = kk < n_cent
             c = tl.load(c_base + kk[:, None].to(tl.int64) * sc_k + d[None, :],
                         mask=ok[:, None] & d_ok[None, :], other=0.0)
             ln = tl.load(ln_ptr + h * sl_h + kk, mask=ok, other=float("-inf"))
-            if FP32_DOT:
-                s = tl.dot(x, tl.trans(c.to(tl.float32)), input_precision="ieee")
+            use = ok & (ln != float("-inf"))
+            if TRANS:
+                if FP32_DOT:
+                    st = tl.dot(c.to(tl.float32), xt, input_precision="ieee")
+                else:
+                    st = tl.dot(c, xt)                                  # (BLOCK_K, BLOCK_M)
+                p = tl.where(use[:, None], tl.exp2(st * scaling2 - lse[None, :]), 0.0) \
+                    * w[None, :]
+                if NSEG == 1:
+                    tl.store(out + kk, tl.sum(p, axis=1), mask=ok)
+                else:
+                    ps = tl.sum(tl.reshape(p, (BLOCK_K, NSEG, BLOCK_M // NSEG)), axis=2)
+                    seg = tl.arange(0, NSEG)
+                    tl.store(out + seg[None, :] * n_cent + kk[:, None], ps, mask=ok[:, None])
             else:
-                s = tl.dot(x, tl.trans(c))
-            use = (ok & (ln != float("-inf")))[None, :]
-            p = tl.where(use, tl.exp2(s * scaling2 - lse[:, None]), 0.0) * w[:, None]
-            if NSEG == 1:
-                tl.store(out + kk, tl.sum(p, axis=0), mask=ok)
-            else:
-                ps = tl.sum(tl.reshape(p, (NSEG, BLOCK_M // NSEG, BLOCK_K)), axis=1)
-                seg = tl.arange(0, NSEG)
-                tl.store(out + seg[:, None] * n_cent + kk[None, :], ps, mask=ok[None, :])
+                if FP32_DOT:
+                    s = tl.dot(x, tl.trans(c.to(tl.float32)), input_precision="ieee")
+                else:
+                    s = tl.dot(x, tl.trans(c))
+                p = tl.where(use[None, :], tl.exp2(s * scaling2 - lse[:, None]), 0.0) \
+                    * w[:, None]
+                if NSEG == 1:
+                    tl.store(out + kk, tl.sum(p, axis=0), mask=ok)
+                else:
+                    ps = tl.sum(tl.reshape(p, (NSEG, BLOCK_M // NSEG, BLOCK_K)), axis=1)
+                    seg = tl.arange(0, NSEG)
+                    tl.store(out + seg[:, None] * n_cent + kk[None, :], ps, mask=ok[None, :])
 
     @triton.jit
     def _pack_chunks_kernel(cidx_ptr, ccnt_ptr, idx_ptr, cnt_ptr, n_chunks, chunk, si_row,
@@ -329,7 +349,8 @@ def prefill_keep(q, centroids, log_sizes, scaling: float, block_size: int | None
     _prefill_keep_kernel[(b * kv * n_rtiles,)](
         q, c, ln, part, q_len, k, g, bs, nb, kv, d, float(scaling) * LOG2E, rows_pad, n_rtiles,
         q.stride(0), q.stride(1), q.stride(2), c.stride(0), c.stride(1), ln.stride(0),
-        NSEG=n_seg, FP32_DOT=_fp32_dot(q, c, interp), BLOCK_M=block_m, BLOCK_K=block_k,
+        NSEG=n_seg, FP32_DOT=_fp32_dot(q, c, interp), TRANS=bool(tuning["trans"]),
+        BLOCK_M=block_m, BLOCK_K=block_k,
         BLOCK_D=max(16, _next_pow2(d)), **extra)
     if n_seg > 1 or rows_pad == block_m:       # one (tile, segment) per block
         p = part.view(b, kv, n_rtiles * n_seg, k)[:, :, :nb]

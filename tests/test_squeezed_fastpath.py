@@ -45,7 +45,8 @@ def synthetic_index(n=203, kv=2, hq=6, d=32, n_sink=4, window=8, layers=1, seed=
 @pytest.mark.parametrize("hierarchical", [False, True])
 @pytest.mark.parametrize("q_len,block,fused", [(1, 16, True), (11, 4, True), (9, None, True),
                                                (1, 16, False), (11, 4, False),
-                                               (11, 4, None), (9, None, None)])   # rows path
+                                               (11, 4, None), (9, None, None),   # prefill
+                                               (11, 4, "rows"), (9, None, "rows")])
 def test_fast_path_equals_cpu_path(backend, hierarchical, q_len, block, fused):
     index, keys = synthetic_index()
     gen = torch.Generator().manual_seed(1)
@@ -64,7 +65,8 @@ def test_fast_path_equals_cpu_path(backend, hierarchical, q_len, block, fused):
     plan = DevicePlan.from_index(index, budget, hierarchical=hierarchical, block_size=block,
                                  device=DEVICE, dtype=torch.float32)
     got = fast_squeezed_attention(plan, 0, q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), block,
-                                  backend=backend, fused_select=fused)
+                                  backend=backend, fused_select=None if fused == "rows" else fused,
+                                  prefill="rows" if fused == "rows" else None)
     torch.testing.assert_close(got.cpu(), want, atol=2e-5, rtol=2e-5)
 
 

@@ -158,8 +158,13 @@ def test_select_and_attend_fused(case):
 @pytest.mark.parametrize("shape", [(1, 8, 2, 37, None, 70, 32),    # one set, GQA 4: 10 tiles
                                    (1, 4, 2, 7, 3, 41, 16),        # blocks of 6 rows: 2 a tile
                                    (2, 6, 3, 11, 4, 33, 40)])      # odd d, 3 blocks, b 2
-def test_prefill_keep_kernel(shape):
-    from kernels.squeezed_prefill import prefill_keep, prefill_keep_reference
+@pytest.mark.parametrize("trans", [True, False])
+def test_prefill_keep_kernel(shape, trans):
+    from kernels.squeezed_prefill import prefill_keep as keep_fn
+    from kernels.squeezed_prefill import prefill_keep_reference
+
+    def prefill_keep(*a, **kw):
+        return keep_fn(*a, **kw, tuning={"trans": trans})
 
     b, hq, kv, q_len, block, k, d = shape
     gen, ctx = _gen()

@@ -29,12 +29,17 @@ from dataclasses import dataclass
 import torch
 
 from kernels.squeezed_attention import select_and_attend, sparse_attention
-from kernels.squeezed_lookup import block_rows, centroid_scores, compact_mask
+from kernels.squeezed_lookup import block_layout, block_rows, centroid_scores, compact_mask
 from kernels.squeezed_prefill import prefill_keep, select_flat, sparse_prefill
 from kernels.squeezed_select import centroid_keep, select_chunks
 from workbench.errors import WorkbenchError
 from workbench.squeezed.index import SqueezedIndex
 from workbench.squeezed.selectors import DEVICE_ALLOCATIONS
+
+# Prefill blocks with fewer query rows (query heads of a KV head's group x queries of a block)
+# attend through the chunked kernel: a 16-row block of Llama-2 (1 query head per KV head, block
+# 16) ran slower in the 64-row tiles of `sparse_prefill` (1.78 vs 1.34 ms at 128K, 1/8, H200).
+PREFILL_MIN_ROWS = 64
 
 
 @dataclass
@@ -181,10 +186,13 @@ def fast_squeezed_attention(plan: DevicePlan, layer: int, q: torch.Tensor, k: to
     or in a separate `select_chunks` launch (False), one split per chunk, then the LSE merge.
     chunk: context positions per split (default: `chunk_size`'s).
 
-    Prefill (q_len > 1) by default (`prefill` "rows"; "chunks" for the chunked path above):
-    `kernels.squeezed_prefill`, shaped for tensor cores: centroid flags with the query rows
-    stationary (`prefill_keep`), one flat kept list per block (`select_flat`), and a gathered
-    FlashAttention over 128-row tiles that covers the user tokens too (`sparse_prefill`).
+    Prefill (q_len > 1) by default: `kernels.squeezed_prefill`, shaped for tensor cores:
+    centroid flags with the query rows stationary (`prefill_keep`), one flat kept list per
+    block (`select_flat`), and a gathered FlashAttention over 64-row tiles that covers the user
+    tokens too (`sparse_prefill`); blocks of fewer than PREFILL_MIN_ROWS query rows keep the
+    flags of `prefill_keep` but attend through `select_chunks` + the chunked kernel. prefill
+    "rows" forces the prefill kernels, "chunks" the chunked path of decode throughout (the same
+    function, other kernels).
     tuning: launch settings of the attention kernel, for benchmarks.
     Returns (b, hq, q_len, d), and with return_counts also the kept counts (b, kv, n_blocks)."""
     n = plan.context_len
@@ -195,6 +203,10 @@ def fast_squeezed_attention(plan: DevicePlan, layer: int, q: torch.Tensor, k: to
                              f"not {prefill!r}.")
     rows = q_len > 1 and fused_select is None and prefill != "chunks"
     keep = kept_centroids(plan, layer, q, block_size, backend, rows=rows)
+    if rows and prefill is None:   # blocks of fewer than 64 query rows: the chunked attention
+        _, bs = block_layout(q_len, block_size)
+        rows = q.shape[1] // k.shape[1] * bs >= PREFILL_MIN_ROWS
+        fused_select = None if rows else False
     if rows:
         idx, cnt = select_flat(keep, plan.labels[layer], n, plan.n_sink, plan.window,
                                backend=backend)
