@@ -7,13 +7,15 @@ For each attention shape (Llama-2-7B: 32 x 128 heads; Llama-3-8B: 32 q / 8 kv he
 - dense baselines: torch `scaled_dot_product_attention` on fp16 and on bf16 K/V (GQA via
   enable_gqa); the faster of the two is the baseline of the speedup;
 - the fused kernel (`kernels.kvquant_decode`) over a packed cache quantized from random
-  tensors with a few large channels (nuq2/3/4 with 1% dense-and-sparse and the first token
-  exact; nuq3 without sparse part), for a few launch settings (the best is reported);
+  tensors with a few large channels (nuq3 with 1% dense-and-sparse and the first token
+  exact, nuq3 without sparse part; nuq2/4 with --all-bits), for a few launch settings (the best
+  is reported);
 - correctness: the kernel against the float64 reference on the same packed cache, by the
   flash-attention rule in `kernels.testing` (bf16 queries), and the pack kernel against its
   reference (codes equal, residual close);
-- bytes: the packed tensors the kernel reads (codes, ranges, sparse part) vs 2 * S * H * D * 2
-  dense bytes; achieved GB/s = bytes / median time.
+- bytes: what the kernel reads at least once (codes, ranges, sparse part, its cos/sin tables:
+  `PackedKV.kernel_bytes`) vs 2 * S * H * D * 2 dense bytes; achieved GB/s = bytes / median
+  time.
 Random tensors: speed and shape only; accuracy is measured with the real model on CPU.
 """
 
@@ -23,6 +25,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -50,9 +53,10 @@ from workbench.kvquant.levels import nf_levels  # noqa: E402
 
 SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}   # q heads, kv heads, head_dim
 # launch settings timed per case: (warps, stages, splits as a multiple of ~4 programs per SM,
-# levels by select tree (True) or table gather (False)); the best is reported
-SETTINGS = ((4, 1, 2, True), (8, 1, 2, True), (4, 2, 2, True), (4, 1, 4, True),
-            (4, 1, 2, False))
+# levels by PTX byte permutes (True) or by the plain-Triton fallback (False), sparse entries per
+# chunk); the best is reported
+SETTINGS = ((4, 2, 1, True, 128), (4, 2, 2, True, 128), (8, 2, 1, True, 128),
+            (4, 2, 1, True, 64), (4, 2, 1, False, 128))
 
 
 def dense_inputs(hq, hkv, s, d, dtype, gen):
@@ -90,6 +94,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--quick", action="store_true", help="32K only")
+    parser.add_argument("--contexts", default="32768,131072")
+    parser.add_argument("--all-bits", action="store_true", help="also nuq2-1%% and nuq4-1%%")
     parser.add_argument("--budget-s", type=float, default=290.0,
                         help="stop starting new cases after this many seconds")
     args = parser.parse_args(argv)
@@ -106,7 +112,7 @@ def main(argv=None):
     log(f"copy bandwidth {peak:.0f} GB/s")
     rows: list[dict] = []
     check_pack(rows, log)
-    contexts = [32768] if args.quick else [32768, 131072]
+    contexts = [32768] if args.quick else [int(c) for c in args.contexts.split(",")]
     cases = [(name, s) for s in sorted(contexts, reverse=True) for name in SHAPES]
     for shape_name, s in cases:
         hq, hkv, d = SHAPES[shape_name]
@@ -127,47 +133,62 @@ def main(argv=None):
                                        baseline_ms=base[best_dt], bytes_moved=dense_bytes,
                                        peak_gbps=peak))
             variants = [("nuq3-1%", 3, 0.01, 1), ("nuq3 (no sparse)", 3, 0.0, 0)]
-            if s == max(contexts):
+            if s == max(contexts) and args.all_bits:
                 variants += [("nuq4-1%", 4, 0.01, 1), ("nuq2-1%", 2, 0.01, 1)]
             for vname, bits, frac, sink in variants:
-                torch.cuda.empty_cache()
-                packed = random_layer(1, hkv, s, d, bits, frac, sink, device="cuda",
-                                      generator=gen)
-                q = torch.randn(1, hq, d, generator=gen).to("cuda", torch.bfloat16)
-                # correctness against the float64 reference
-                out = kvquant_decode_attention(q, packed, backend="triton")
-                rep = compare_to_reference(None, kvquant_decode_reference, (q, packed),
-                                           kernel_out=(out,), names=("out",))[0]
-                log(f"{shape_name} {s} {vname}: {rep}")
-                nbytes = packed.nbytes()
-                timings = {}
-                for nw, ns, mult, lut in SETTINGS:
-                    n_spl = mult * max(1, -(-528 // hkv))
-                    key = (f"warps={nw} stages={ns} splits={n_spl} "
-                           f"levels={'select' if lut else 'gather'}")
-                    try:
-                        def run(nw=nw, ns=ns, n_spl=n_spl, q=q, packed=packed, lut=lut):
-                            o, lse = kvquant_decode_triton(q, packed, n_spl, nw, ns, lut)
-                            return merge_attention_partials(o, lse)
-                        run()
-                        timings[key] = time_ms(run)
-                    except Exception as err:  # a launch setting that does not compile
-                        log(f"  {key}: {type(err).__name__}: {str(err)[:120]}")
-                best = min(timings, key=timings.get)
-                log(f"  best {best}: {timings[best]:.4f} ms (all: "
-                    + ", ".join(f"{k} {v:.4f}" for k, v in timings.items()) + ")")
-                rows.append(result_row(
-                    name=f"{shape_name} {s // 1024}K", impl=f"kvquant {vname}", shape=shape,
-                    dtype="bf16 q", median_ms=timings[best], baseline_ms=base[best_dt],
-                    bytes_moved=nbytes, peak_gbps=peak,
-                    note=(f"{best}; bytes vs dense {dense_bytes / nbytes:.2f}x fewer; "
-                          f"max err {rep.max_err:.3g} (torch bf16 {rep.torch_max_err:.3g}) "
-                          f"{'ok' if rep.passed else 'FAIL'}")))
-                rows[-1]["all_settings_ms"] = timings
-                rows[-1]["correct"] = rep.passed
-                del packed, q, out
-                write_results("kvquant_decode_h200", rows, device="cuda", out_dir=args.out,
-                              meta={"partial": True, "log": lines})
+                try:
+                    torch.cuda.empty_cache()
+                    packed = random_layer(1, hkv, s, d, bits, frac, sink, device="cuda",
+                                          generator=gen)
+                    q = torch.randn(1, hq, d, generator=gen).to("cuda", torch.bfloat16)
+                    # correctness against the float64 reference
+                    out = kvquant_decode_attention(q, packed, backend="triton")
+                    rep = compare_to_reference(None, kvquant_decode_reference, (q, packed),
+                                               kernel_out=(out,), names=("out",))[0]
+                    log(f"{shape_name} {s} {vname}: {rep}")
+                    nbytes = packed.kernel_bytes()
+                    # the PTX lookup against the plain-Triton fallback: the same fp16 numbers
+                    if bits <= 3:
+                        oa, la = kvquant_decode_triton(q, packed, use_asm=True)
+                        ob, lb = kvquant_decode_triton(q, packed, use_asm=False)
+                        log(f"  asm vs fallback: max |o| diff {float((oa - ob).abs().max()):.3g}, "
+                            f"max |lse| diff {float((la - lb).abs().max()):.3g}")
+                    timings = {}
+                    for nw, ns, mult, asm, chunk in SETTINGS:
+                        if (asm and bits > 3) or (chunk != 128 and frac == 0):
+                            continue
+                        n_spl = mult * max(1, -(-528 // hkv))
+                        key = (f"warps={nw} stages={ns} splits={n_spl} "
+                               f"levels={'prmt' if asm else 'triton'} chunk={chunk}")
+                        try:
+                            def run(nw=nw, ns=ns, n_spl=n_spl, q=q, packed=packed, asm=asm,
+                                    chunk=chunk):
+                                o, lse = kvquant_decode_triton(q, packed, n_spl, nw, ns, asm, chunk)
+                                return merge_attention_partials(o, lse)
+                            run()
+                            timings[key] = time_ms(run)
+                        except Exception as err:  # a launch setting that does not compile
+                            log(f"  {key}: {type(err).__name__}: {str(err)[:300]}")
+                    if not timings:
+                        log("  no launch setting ran")
+                        continue
+                    best = min(timings, key=timings.get)
+                    log(f"  best {best}: {timings[best]:.4f} ms (all: "
+                        + ", ".join(f"{k} {v:.4f}" for k, v in timings.items()) + ")")
+                    rows.append(result_row(
+                        name=f"{shape_name} {s // 1024}K", impl=f"kvquant {vname}", shape=shape,
+                        dtype="bf16 q", median_ms=timings[best], baseline_ms=base[best_dt],
+                        bytes_moved=nbytes, peak_gbps=peak,
+                        note=(f"{best}; bytes vs dense {dense_bytes / nbytes:.2f}x fewer; "
+                              f"max err {rep.max_err:.3g} (torch bf16 {rep.torch_max_err:.3g}) "
+                              f"{'ok' if rep.passed else 'FAIL'}")))
+                    rows[-1]["all_settings_ms"] = timings
+                    rows[-1]["correct"] = rep.passed
+                    del packed, q, out
+                    write_results("kvquant_decode_h200", rows, device="cuda", out_dir=args.out,
+                                  meta={"partial": True, "log": lines})
+                except Exception:  # keep timing the other cases; the log says why
+                    log(f"{shape_name} {s} {vname}: FAILED\n{traceback.format_exc()[-3000:]}")
                 if time.time() - t_start > args.budget_s:
                     break
         if time.time() - t_start > args.budget_s:

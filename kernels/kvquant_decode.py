@@ -3,34 +3,48 @@
 One query token per sequence attends to S cached tokens whose keys and values are stored as
 KVQuant stores them (`workbench.kvquant.quantize`):
 
-    keys    pre-RoPE, b-bit codes in bit planes (B, H, S, bits, D/8) uint8, dequantized as
+    keys    pre-RoPE, b-bit codes (B, H, S, bits, D/8) uint8 in the layout of
+            `kernels.kvquant_layout`, dequantized as
             k = table_k[code] * scale_k[h, d] + zero_k[h, d]   (per-channel, calibrated)
     values  b-bit codes (B, H, S, bits, D/8) uint8, v = table_v[code] * scale_v[b,h,s] + zero_v
     sparse  the outliers and the attention-sink tokens: fp16 deltas added to the dense values,
             as a block-CSR per (batch, kv head): blocks of BLOCK_N tokens, entry = int16
-            (token_in_block * D + d) and fp16 delta; `ptr` (B*H*n_blocks + 1) int32 offsets
-    RoPE    applied to the dequantized keys on the fly: angle = position * inv_freq
+            (token_in_block * D + d) and fp16 delta; `ptr` (B*H*n_blocks + 1) int32 offsets.
+            Key entries are sorted by token within a block, value entries by channel.
+    RoPE    applied to the dequantized keys on the fly
 
 The kernel (one program per (batch, kv head, split of the tokens)) loops over tiles of BLOCK_N
-tokens: unpack the codes, look up the level table, add the tile's sparse entries (a one-hot
-product on the tensor cores), rotate the keys, scores for the G query heads of the KV head
-(GQA) on the tensor cores, online softmax, value product. Each split writes a partial output and
-its log-sum-exp; `kernels.lse_merge` merges the splits.
+tokens. What it does per element is the point of its design (an H200 streams fp16 K/V at
+~2.2 G elements/ms and issues ~33.5 G lane-ops/ms, so matching fp16 SDPA allows ~15 operations
+per dequantized element and 3x faster ~5):
 
-Why this kernel is slower than fp16 SDPA on an H200 (measured, benchmarks/results/
-kvquant_decode_h200.json: nuq3 without outliers 2.2 ms vs SDPA 0.49 ms at 128K, 32 KV heads): it
-is bound by CUDA-core arithmetic, not bytes. An H200 streams fp16 K/V at ~4.3 TB/s, i.e. ~2.2 G
-elements/ms, while its 132 SMs issue ~33.5 G lane-ops/ms: SDPA's break-even is ~15 ops per
-dequantized element, and 3x faster than SDPA leaves ~5. Each element here costs bit unpacking
-(3 planes), the level lookup (a tree of 7 selects at 3 bits; 15 at 4 bits, where the table
-gather is faster), scale/zero, and RoPE via angle addition: ~69 lane-ops per element measured.
-The paper's 1.7x was on an A6000 (768 GB/s, ~100 ops of break-even). Beating SDPA here needs
-packed 16-bit math (f16x2), byte-permute lookups (`prmt`, 4 per instruction) through inline
-PTX and an outlier pass outside the dense loop, not a retuned version of this kernel.
+- level lookup by byte permutes: the code layout turns three plane words into `prmt.b32`
+  selectors with one rotate and one mask per plane and lane; each `prmt` looks up 4 codes in the
+  low (or high) bytes of the 8 fp16 levels held in two registers, two more interleave low and
+  high bytes into f16x2 pairs (inline PTX, `USE_ASM`; the same function in plain Triton is the
+  fallback, used by the interpreter, by 4-bit codes and by float32 queries);
+- packed fp16 math (ptxas pairs the elementwise fp16 operations into HFMA2): scale and zero,
+  then RoPE. RoPE is split as R(p0 + t) = R(p0) R(t): the query is rotated back by the tile's
+  start p0 (cos/sin of p0 from a per-tile table computed in float64), the keys by their offset
+  t < BLOCK_N inside the tile, whose cos/sin (BLOCK_N x D/2) are the same for every tile and
+  stay in registers;
+- scores and the value product on the tensor cores (fp16 operands, fp32 accumulation), online
+  softmax in fp32;
+- the sparse part off the dense path: per tile, key outliers become score corrections
+  delta * (q . R(p) e_d), summed per token (a histogram of the entries' tokens, prefix sums
+  over the entries and two gathers) and added to the scores before the softmax; value
+  outliers are weighted by the gathered probabilities of their tokens and summed per channel
+  the same way, then added to the accumulator with the same rescaling. Exact, and ~E + N + D
+  work per tile instead of a dense one-hot product.
+
+Each split writes a partial output and its log-sum-exp; `kernels.lse_merge` merges the splits.
+With float32 queries the math is float32 (fallback path), otherwise fp16 with fp32 softmax and
+accumulation; errors stay within the flash-attention rule of `kernels.testing`.
 
 Bytes read per token and KV head at D=128, 3 bits: 48 (key codes) + 48 (value codes) + 4
 (value zero/scale) + ~4 per sparse entry (about 1% of 2*D elements: ~10) = ~110, against 512 for
-fp16 keys and values: about 4.6x fewer.
+fp16 keys and values: about 4.6x fewer. The cos/sin tables (BLOCK_N x D/2 and n_blocks x D/2,
+shared by all heads) add ~8 bytes per block of 64 tokens, counted by `kernel_bytes`.
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.dispatch import HAS_TRITON, is_interpreted, pick_backend, tl, triton
+from kernels.kvquant_layout import unpack_codes
 from kernels.lse_merge import merge_attention_partials
 from workbench.errors import WorkbenchError
 
@@ -61,10 +76,10 @@ class PackedKV:
     v_scale: torch.Tensor       # (B, H, S) float16
     v_table: torch.Tensor       # (2^bits,) float32
     k_ptr: torch.Tensor         # (B*H*n_blocks + 1,) int32
-    k_idx: torch.Tensor         # (nnz_k,) int16: token_in_block * D + d
+    k_idx: torch.Tensor         # (nnz_k,) int16: token_in_block * D + d, by token in a block
     k_val: torch.Tensor         # (nnz_k,) float16
     v_ptr: torch.Tensor
-    v_idx: torch.Tensor
+    v_idx: torch.Tensor         # by channel within a block
     v_val: torch.Tensor
     inv_freq: torch.Tensor      # (D/2,) float32
     rope_scale: float = 1.0     # the rotary embedding's attention scaling (1 for plain RoPE)
@@ -77,15 +92,23 @@ class PackedKV:
         return b, h, s, nb * 8, bits
 
     def nbytes(self) -> int:
-        """Bytes the kernel reads at most: every tensor once (inv_freq and tables included)."""
+        """Bytes of the packed tensors (inv_freq and tables included)."""
         return sum(t.numel() * t.element_size() for t in self.__dict__.values()
                    if isinstance(t, torch.Tensor))
 
+    def kernel_bytes(self) -> int:
+        """Bytes the kernel reads from memory at least once: the packed tensors and its cos/sin
+        tables (in-tile: 2 x BLOCK_N x D/2 float32; per tile start: n_blocks x 2 x D/2 float32).
+        """
+        _, _, s, d, _ = self.shape
+        return self.nbytes() + (2 * self.block + 2 * triton_cdiv(s, self.block)) * d // 2 * 4
+
 
 def block_csr(index: torch.Tensor, delta: torch.Tensor, batch: int, heads: int, seq: int,
-              head_dim: int, block: int = BLOCK_N):
+              head_dim: int, block: int = BLOCK_N, by_channel: bool = False):
     """Token-major COO outliers (flat index ((s * B + b) * H + h) * D + d, as the cache holds
-    them) -> (ptr, idx int16, val fp16) block-CSR per (batch, kv head) over blocks of `block`."""
+    them) -> (ptr, idx int16, val fp16) block-CSR per (batch, kv head) over blocks of `block`;
+    entries sorted by token within a block (by channel with `by_channel`)."""
     if block * head_dim > 32767:
         raise WorkbenchError(f"block {block} x head_dim {head_dim} does not fit the int16 index.")
     idx = index.long()
@@ -93,9 +116,11 @@ def block_csr(index: torch.Tensor, delta: torch.Tensor, batch: int, heads: int, 
     s, rest = idx // bhd, idx % bhd
     bh, d = rest // head_dim, rest % head_dim
     n_blocks = triton_cdiv(seq, block)
-    order = torch.argsort(bh * seq + s, stable=True)
-    s, bh, d, val = s[order], bh[order], d[order], delta[order].half()
-    counts = torch.bincount(bh * n_blocks + s // block, minlength=batch * heads * n_blocks)
+    blk = bh * n_blocks + s // block
+    inner = (d * block + s % block) if by_channel else ((s % block) * head_dim + d)
+    order = torch.argsort(blk * (block * head_dim) + inner, stable=True)
+    s, bh, d, val, blk = s[order], bh[order], d[order], delta[order].half(), blk[order]
+    counts = torch.bincount(blk, minlength=batch * heads * n_blocks)
     ptr = torch.zeros(batch * heads * n_blocks + 1, dtype=torch.int64, device=idx.device)
     ptr[1:] = torch.cumsum(counts, 0)
     return ptr.to(torch.int32), ((s % block) * head_dim + d).to(torch.int16), val
@@ -111,10 +136,7 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def _unpack(planes: torch.Tensor) -> torch.Tensor:
-    shifts = torch.arange(8, device=planes.device, dtype=torch.uint8)
-    bits = (planes[..., None] >> shifts) & 1                          # (..., bits, D/8, 8)
-    w = (1 << torch.arange(planes.shape[-2], device=planes.device)).to(torch.uint8)
-    return (bits * w[:, None, None]).sum(-3).reshape(*planes.shape[:-2], -1).long()
+    return unpack_codes(planes).long()
 
 
 def _scatter_csr(dense: torch.Tensor, ptr, idx, val, block: int) -> torch.Tensor:
@@ -167,188 +189,288 @@ def kvquant_decode_reference(q: torch.Tensor, packed: PackedKV) -> torch.Tensor:
 # Triton kernel
 # ----------------------------------------------------------------------------------------------
 
+
+def _lut_asm(bits: int) -> str:
+    """PTX: three (two) plane words of one 32-channel group + the level table's low and high
+    bytes in four registers -> 32 fp16 levels, slot l * 8 + k (kernels.kvquant_layout)."""
+    lines = ["{", ".reg .b32 ra, rb, rs, rl, rh, rx, ry;"]
+    for lane in range(4):
+        for j in range(bits):
+            w = f"${32 + j}"
+            src = w
+            if lane:
+                lines.append(f"shf.r.wrap.b32 rb, {w}, {w}, {lane};")
+                src = "rb"
+            if j == 0:
+                lines.append(f"and.b32 ra, {src}, {hex(0x11111111 << j)};")
+            else:
+                lines.append(f"and.b32 rb, {src}, {hex(0x11111111 << j)};")
+                lines.append("or.b32 ra, ra, rb;")
+        for part in range(2):
+            sel = "ra"
+            if part:
+                lines.append("shr.b32 rs, ra, 16;")
+                sel = "rs"
+            lines.append(f"prmt.b32 rl, $35, $36, {sel};")
+            lines.append(f"prmt.b32 rh, $37, $38, {sel};")
+            lines.append("prmt.b32 rx, rl, rh, 0x5140;")
+            lines.append("prmt.b32 ry, rl, rh, 0x7362;")
+            o = lane * 8 + part * 4
+            lines.append(f"mov.b32 {{${o}, ${o + 1}}}, rx;")
+            lines.append(f"mov.b32 {{${o + 2}, ${o + 3}}}, ry;")
+    lines.append("}")
+    return "\n".join(lines)
+
+
 if HAS_TRITON:
+    _ASM2 = tl.constexpr(_lut_asm(2))
+    _ASM3 = tl.constexpr(_lut_asm(3))
+    _ASM_CONSTRAINTS = tl.constexpr(",".join(["=h"] * 32 + ["r"] * 7))
+    _F16X32 = tl.constexpr((tl.float16,) * 32)
 
     @triton.jit
-    def _unpack_half(planes_ptr, row_off, n_ok, byte0: tl.constexpr, BITS: tl.constexpr,
-                     NB: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr):
-        # codes (BLOCK_N, HALF) int32 of channels [8 * byte0, 8 * byte0 + HALF): each plane byte
-        # is loaded once and spread over its 8 channels by shifts
-        nbh: tl.constexpr = HALF // 8
-        offs_b = byte0 + tl.arange(0, nbh)
-        shifts = tl.arange(0, 8)
-        code = tl.zeros([BLOCK_N, nbh, 8], dtype=tl.int32)
-        for j in tl.static_range(BITS):
-            raw = tl.load(planes_ptr + row_off[:, None] + j * NB + offs_b[None, :],
-                          mask=n_ok[:, None], other=0).to(tl.int32)      # (BLOCK_N, HALF/8)
-            code |= ((raw[:, :, None] >> shifts[None, None, :]) & 1) << j
-        return tl.reshape(code, [BLOCK_N, HALF])
+    def _t4(o, i0: tl.constexpr, st: tl.constexpr):
+        return tl.join(tl.join(o[i0], o[i0 + 2 * st]), tl.join(o[i0 + st], o[i0 + 3 * st]))
 
     @triton.jit
-    def _plane_bits(planes_ptr, row_off, n_ok, byte0, j: tl.constexpr, NB: tl.constexpr,
-                    HALF: tl.constexpr):
-        # bit j of the codes of channels [8 * byte0, 8 * byte0 + HALF): (BLOCK_N, HALF/8, 8) bool
-        nbh: tl.constexpr = HALF // 8
-        offs_b = byte0 + tl.arange(0, nbh)
-        raw = tl.load(planes_ptr + row_off[:, None] + j * NB + offs_b[None, :],
-                      mask=n_ok[:, None], other=0).to(tl.int32)
-        return ((raw[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1) != 0
+    def _t16(o, i0: tl.constexpr):
+        # outputs o[i0 .. i0 + 15] joined so that the flattened last dims are in natural order
+        # (the last join pairs o[2i] with o[2i + 1], the halves of one f16x2 register)
+        a = tl.join(_t4(o, i0, 4), _t4(o, i0 + 2, 4))
+        b = tl.join(_t4(o, i0 + 1, 4), _t4(o, i0 + 3, 4))
+        return tl.join(a, b)
 
     @triton.jit
-    def _pair(b, t_ptr, i: tl.constexpr):
-        # level 2i + 1 where bit 0 is set, else level 2i
-        return tl.where(b, tl.load(t_ptr + 2 * i + 1), tl.load(t_ptr + 2 * i))
+    def _table_like_levels(t_ptr, BLOCK_N: tl.constexpr, HALF: tl.constexpr, NG: tl.constexpr,
+                           MATH: tl.constexpr):
+        # t (BLOCK_N, HALF) row-major, loaded as 16 (BLOCK_N, NG) slices joined like the decoded
+        # levels: the result has their register layout (no layout conversion in the loop)
+        p = t_ptr + tl.arange(0, BLOCK_N)[:, None] * HALF + tl.arange(0, NG)[None, :] * 16
+        o = (tl.load(p + 0), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3), tl.load(p + 4),
+             tl.load(p + 5), tl.load(p + 6), tl.load(p + 7), tl.load(p + 8), tl.load(p + 9),
+             tl.load(p + 10), tl.load(p + 11), tl.load(p + 12), tl.load(p + 13),
+             tl.load(p + 14), tl.load(p + 15))
+        return tl.reshape(_t16(o, 0), [BLOCK_N, HALF]).to(MATH)
 
     @triton.jit
-    def _levels_select(t_ptr, planes_ptr, row_off, n_ok, byte0: tl.constexpr,
-                       BITS: tl.constexpr, NB: tl.constexpr, HALF: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
-        # table[code] as a binary tree of selects on the code's bits (levels are scalars in
-        # registers): 2^bits - 1 selects per element, no gather through the memory pipeline
-        b0 = _plane_bits(planes_ptr, row_off, n_ok, byte0, 0, NB, HALF)
-        b1 = _plane_bits(planes_ptr, row_off, n_ok, byte0, 1, NB, HALF)
-        x = tl.where(b1, _pair(b0, t_ptr, 1), _pair(b0, t_ptr, 0))
-        if BITS >= 3:
-            b2 = _plane_bits(planes_ptr, row_off, n_ok, byte0, 2, NB, HALF)
-            x = tl.where(b2, tl.where(b1, _pair(b0, t_ptr, 3), _pair(b0, t_ptr, 2)), x)
-        if BITS >= 4:
-            b3 = _plane_bits(planes_ptr, row_off, n_ok, byte0, 3, NB, HALF)
-            x_hi = tl.where(b1, _pair(b0, t_ptr, 5), _pair(b0, t_ptr, 4))
-            x_hi = tl.where(b2, tl.where(b1, _pair(b0, t_ptr, 7), _pair(b0, t_ptr, 6)), x_hi)
-            x = tl.where(b3, x_hi, x)
-        return tl.reshape(x, [BLOCK_N, HALF])
-
-    @triton.jit
-    def _levels(t_ptr, planes_ptr, row_off, n_ok, byte0: tl.constexpr, BITS: tl.constexpr,
-                NB: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
-                LUT_SELECT: tl.constexpr):
-        # dequantized levels (BLOCK_N, HALF) float32 of one channel half
-        if LUT_SELECT:
-            x = _levels_select(t_ptr, planes_ptr, row_off, n_ok, byte0, BITS, NB, HALF,
-                               BLOCK_N)
+    def _decode(w_ptr, row_w, n_ok, t_ptr, reg_ptr, BITS: tl.constexpr, NG: tl.constexpr,
+                BLOCK_N: tl.constexpr, MATH: tl.constexpr, USE_ASM: tl.constexpr):
+        # levels (BLOCK_N, D/2) x 2 of the first and second channel halves: column 16 w + m of
+        # a half is channel 16 w + m of it (kernels.kvquant_layout)
+        offs_w = tl.arange(0, NG)
+        base = w_ptr + row_w[:, None] + offs_w[None, :]
+        w0 = tl.load(base, mask=n_ok[:, None], other=0)
+        w1 = tl.load(base + NG, mask=n_ok[:, None], other=0)
+        if USE_ASM:
+            z = tl.zeros_like(w0)
+            regs = [z + tl.load(reg_ptr), z + tl.load(reg_ptr + 1), z + tl.load(reg_ptr + 2),
+                    z + tl.load(reg_ptr + 3)]
+            if BITS == 2:
+                o = tl.inline_asm_elementwise(_ASM2, _ASM_CONSTRAINTS, [w0, w1, z] + regs,
+                                              dtype=_F16X32, is_pure=True, pack=1)
+            else:
+                w2 = tl.load(base + 2 * NG, mask=n_ok[:, None], other=0)
+                o = tl.inline_asm_elementwise(_ASM3, _ASM_CONSTRAINTS, [w0, w1, w2] + regs,
+                                              dtype=_F16X32, is_pure=True, pack=1)
+            x1 = tl.reshape(_t16(o, 0), [BLOCK_N, NG * 16])
+            x2 = tl.reshape(_t16(o, 16), [BLOCK_N, NG * 16])
         else:
-            x = tl.load(t_ptr + _unpack_half(planes_ptr, row_off, n_ok, byte0, BITS, NB, HALF,
-                                             BLOCK_N))
-        return x
+            # slot (l, k) of column m of a half: l = 2 * half + m // 8, k = m % 8
+            m = tl.arange(0, 16)
+            sh1 = 4 * (m % 8) + m // 8                                   # + j: bit of plane j
+            c1 = tl.zeros([BLOCK_N, NG, 16], dtype=tl.int32)
+            c2 = tl.zeros([BLOCK_N, NG, 16], dtype=tl.int32)
+            for j in tl.static_range(BITS):
+                wj = tl.load(base + j * NG, mask=n_ok[:, None], other=0)[:, :, None]
+                c1 |= ((wj >> ((sh1 + j) % 32)[None, None, :]) & 1) << j
+                c2 |= ((wj >> ((sh1 + 2 + j) % 32)[None, None, :]) & 1) << j
+            x1 = tl.reshape(tl.load(t_ptr + c1), [BLOCK_N, NG * 16]).to(MATH)
+            x2 = tl.reshape(tl.load(t_ptr + c2), [BLOCK_N, NG * 16]).to(MATH)
+        return x1, x2
 
     @triton.jit
-    def _sparse_tiles(ptr_ptr, idx_ptr, val_ptr, blk_flat, blk_ok, n_local, lo, hi,
-                      D: tl.constexpr, E_CHUNK: tl.constexpr):
-        # the sparse deltas of one block as two dense (BLOCK_N, HALF) tiles (channel halves):
-        # one-hot(token) (BLOCK_N, E) @ delta-at-channel (E, HALF), on the tensor cores
+    def _rows(x, GS: tl.constexpr, BLOCK_G: tl.constexpr):
+        # (GS, M) -> (BLOCK_G, M), row r = x[r % GS] (rows >= G are padding: any values do)
+        if GS == BLOCK_G:
+            return x
+        else:
+            return tl.reshape(tl.broadcast_to(x[None, :, :], [BLOCK_G // GS, GS, x.shape[1]]),
+                              [BLOCK_G, x.shape[1]])
+
+    @triton.jit
+    def _first_rows(x, GS: tl.constexpr, BLOCK_G: tl.constexpr):
+        # (BLOCK_G, M) -> its first GS rows (GS, M)
+        if GS == BLOCK_G:
+            return x
+        else:
+            x3 = tl.reshape(x, [BLOCK_G // GS, GS, x.shape[1]])
+            first = (tl.arange(0, BLOCK_G // GS) == 0)[:, None, None]
+            return tl.sum(tl.where(first, x3, 0.0), axis=0)
+
+    @triton.jit
+    def _segment_sum(x, seg, ok, NSEG: tl.constexpr):
+        # x (GS, E) fp32 with entries sorted by seg (E,) int32 (masked entries last, x = 0):
+        # (GS, NSEG) sums of x per segment, by prefix sums and two gathers
+        cnt = tl.histogram(seg, NSEG, mask=ok)
+        end = tl.cumsum(cnt, 0)
+        start = end - cnt
+        c = tl.cumsum(x, 1)
+        gs: tl.constexpr = x.shape[0]
+        hi_i = tl.broadcast_to(tl.maximum(end - 1, 0)[None, :], [gs, NSEG])
+        lo_i = tl.broadcast_to(tl.maximum(start - 1, 0)[None, :], [gs, NSEG])
+        hi_v = tl.where(end[None, :] > 0, tl.gather(c, hi_i, 1), 0.0)
+        lo_v = tl.where(start[None, :] > 0, tl.gather(c, lo_i, 1), 0.0)
+        return hi_v - lo_v
+
+    @triton.jit
+    def _key_sparse(ptr_ptr, idx_ptr, val_ptr, blk_flat, blk, blk_ok, q_ptr, qrow_s, gs_ok,
+                    rtab_ptr, ttab_ptr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    GS: tl.constexpr, E_CHUNK: tl.constexpr):
+        # score corrections (GS, BLOCK_N) of the tile's key outliers: an outlier delta at
+        # pre-RoPE channel d of token p0 + t adds delta * (q . R(p0 + t) e_d)
+        HALF: tl.constexpr = D // 2
         e0 = tl.load(ptr_ptr + blk_flat, mask=blk_ok, other=0)
         e1 = tl.load(ptr_ptr + blk_flat + 1, mask=blk_ok, other=0)
-        out1 = tl.zeros([n_local.shape[0], lo.shape[0]], dtype=tl.float32)
-        out2 = tl.zeros([n_local.shape[0], lo.shape[0]], dtype=tl.float32)
+        corr = tl.zeros([GS, BLOCK_N], dtype=tl.float32)
         for e in range(e0, e1, E_CHUNK):
             offs_e = e + tl.arange(0, E_CHUNK)
             e_ok = offs_e < e1
-            idx = tl.load(idx_ptr + offs_e, mask=e_ok, other=-1).to(tl.int32)
+            idx = tl.load(idx_ptr + offs_e, mask=e_ok, other=0).to(tl.int32)
             val = tl.load(val_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
-            t_e = tl.where(e_ok, idx // D, -1)
+            t_e = idx // D
             d_e = idx % D
-            onehot_t = (n_local[:, None] == t_e[None, :]).to(tl.float32)        # (BLOCK_N, E)
-            out1 += tl.dot(onehot_t, tl.where(d_e[:, None] == lo[None, :], val[:, None], 0.0))
-            out2 += tl.dot(onehot_t, tl.where(d_e[:, None] == hi[None, :], val[:, None], 0.0))
-        return out1, out2
+            i_e = d_e % HALF
+            cb = tl.load(ttab_ptr + blk * D + i_e)
+            sb = tl.load(ttab_ptr + blk * D + HALF + i_e)
+            ct = tl.load(rtab_ptr + t_e * HALF + i_e)
+            st = tl.load(rtab_ptr + (BLOCK_N + t_e) * HALF + i_e)
+            c = (cb * ct - sb * st)[None, :]
+            sn = (sb * ct + cb * st)[None, :]
+            qa = tl.load(q_ptr + qrow_s[:, None] * D + i_e[None, :], mask=gs_ok[:, None],
+                         other=0.0).to(tl.float32)
+            qb = tl.load(q_ptr + qrow_s[:, None] * D + HALF + i_e[None, :], mask=gs_ok[:, None],
+                         other=0.0).to(tl.float32)
+            delta = val[None, :] * tl.where((d_e >= HALF)[None, :], qb * c - qa * sn,
+                                            qa * c + qb * sn)
+            corr += _segment_sum(delta, t_e, e_ok, BLOCK_N)
+        return corr
+
+    @triton.jit
+    def _value_sparse(p, ptr_ptr, idx_ptr, val_ptr, blk_flat, blk_ok, D: tl.constexpr,
+                      BLOCK_G: tl.constexpr, GS: tl.constexpr, E_CHUNK: tl.constexpr):
+        # sum over the tile's value outliers of p[token] * delta, per channel: (GS, D)
+        e0 = tl.load(ptr_ptr + blk_flat, mask=blk_ok, other=0)
+        e1 = tl.load(ptr_ptr + blk_flat + 1, mask=blk_ok, other=0)
+        pg = _first_rows(p, GS, BLOCK_G)                                 # (GS, BLOCK_N)
+        corr = tl.zeros([GS, D], dtype=tl.float32)
+        for e in range(e0, e1, E_CHUNK):
+            offs_e = e + tl.arange(0, E_CHUNK)
+            e_ok = offs_e < e1
+            idx = tl.load(idx_ptr + offs_e, mask=e_ok, other=0).to(tl.int32)
+            val = tl.load(val_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
+            t_i = tl.broadcast_to((idx // D)[None, :], [GS, E_CHUNK])
+            pe = tl.gather(pg, t_i, 1)                                   # (GS, E)
+            corr += _segment_sum(pe * val[None, :], idx % D, e_ok, D)
+        return corr
 
     @triton.jit
     def _kvq_decode_kernel(
         q_ptr, o_ptr, lse_ptr,                       # (B*Hq, D), (B*Hq, n_splits, D), (B*Hq, n_splits)
-        kp_ptr, kz_ptr, ks_ptr, kt_ptr,              # key planes, per-channel zero/scale, table
-        vp_ptr, vz_ptr, vs_ptr, vt_ptr,              # value planes, per-token zero/scale, table
+        kw_ptr, kz_ptr, ks_ptr, kt_ptr, kreg_ptr,    # key plane words (int32), zero, scale, levels
+        vw_ptr, vz_ptr, vs_ptr, vt_ptr, vreg_ptr,    # value plane words, per-token zero/scale, levels
         kptr_ptr, kidx_ptr, kval_ptr,                # key sparse block-CSR
         vptr_ptr, vidx_ptr, vval_ptr,                # value sparse block-CSR
-        invf_ptr, rtab_ptr,                          # inv_freq (HALF,), cos/sin(t f) (2, BLOCK_N, HALF)
-        S, H, G, n_blocks, n_splits, tiles_per_split, qk_scale, rope_scale,
+        rtab_ptr, ttab_ptr,                          # cos/sin(t f) (2, BLOCK_N, D/2); cos/sin(p0 f) (n_blocks, 2, D/2)
+        S, H, G, n_blocks, n_splits, tiles_per_split, qk_scale,
         BITS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-        E_CHUNK: tl.constexpr, HAS_SPARSE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-        LUT_SELECT: tl.constexpr,
+        GS: tl.constexpr, E_CHUNK: tl.constexpr, HAS_KS: tl.constexpr, HAS_VS: tl.constexpr,
+        HALF_MATH: tl.constexpr, USE_ASM: tl.constexpr,
     ):
-        # Tensor-core operands are fp16 for 16-bit queries (bf16 queries are converted: keys,
-        # values and probabilities fit fp16's range, and it has 3 more mantissa bits), fp32
-        # otherwise; accumulation is fp32.
+        # HALF_MATH: dequantization, RoPE and the tensor-core operands in fp16 (16-bit queries;
+        # bf16 queries are converted: keys, values and probabilities fit fp16's range, and it
+        # has 3 more mantissa bits); else float32 throughout. Softmax and accumulation: fp32.
         HALF: tl.constexpr = D // 2
-        NB: tl.constexpr = D // 8
+        NG: tl.constexpr = D // 32
+        MATH: tl.constexpr = tl.float16 if HALF_MATH else tl.float32
+        PREC: tl.constexpr = "tf32" if HALF_MATH else "ieee"
         bh = tl.program_id(0)
         split = tl.program_id(1)
         h = bh % H
-        offs_g = tl.arange(0, BLOCK_G)
-        g_ok = offs_g < G
         lo = tl.arange(0, HALF)
         hi = HALF + lo
-        qrow = (bh * G + offs_g).to(tl.int64)                       # query rows of this KV head
-        q1 = tl.load(q_ptr + qrow[:, None] * D + lo[None, :], mask=g_ok[:, None], other=0.0)
-        q2 = tl.load(q_ptr + qrow[:, None] * D + hi[None, :], mask=g_ok[:, None], other=0.0)
-        q1 = q1.to(DOT_DTYPE)
-        q2 = q2.to(DOT_DTYPE)
-        kz1 = tl.load(kz_ptr + h * D + lo)
-        kz2 = tl.load(kz_ptr + h * D + hi)
-        ks1 = tl.load(ks_ptr + h * D + lo)
-        ks2 = tl.load(ks_ptr + h * D + hi)
-        invf = tl.load(invf_ptr + lo)
+        offs_gs = tl.arange(0, GS)
+        gs_ok = offs_gs < G
+        qrow_s = (bh * G + offs_gs).to(tl.int64)                      # query rows of this KV head
+        q1 = tl.load(q_ptr + qrow_s[:, None] * D + lo[None, :], mask=gs_ok[:, None],
+                     other=0.0).to(tl.float32)
+        q2 = tl.load(q_ptr + qrow_s[:, None] * D + hi[None, :], mask=gs_ok[:, None],
+                     other=0.0).to(tl.float32)
+        ks1 = tl.load(ks_ptr + h * D + lo).to(MATH)
+        ks2 = tl.load(ks_ptr + h * D + hi).to(MATH)
+        kz1 = tl.load(kz_ptr + h * D + lo).to(MATH)
+        kz2 = tl.load(kz_ptr + h * D + hi).to(MATH)
+        n_local = tl.arange(0, BLOCK_N)
+        ct = _table_like_levels(rtab_ptr, BLOCK_N, HALF, NG, MATH)
+        st = _table_like_levels(rtab_ptr + BLOCK_N * HALF, BLOCK_N, HALF, NG, MATH)
 
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc1 = tl.zeros([BLOCK_G, HALF], tl.float32)
         acc2 = tl.zeros([BLOCK_G, HALF], tl.float32)
-        n_local = tl.arange(0, BLOCK_N)
         for tile in range(tiles_per_split):
             blk = split * tiles_per_split + tile
+            blk_ok = blk < n_blocks
+            blk_flat = bh * n_blocks + blk
             offs_n = blk * BLOCK_N + n_local
             n_ok = offs_n < S
-            row_off = (bh.to(tl.int64) * S + offs_n) * (BITS * NB)      # byte offset of planes
-            # keys: codes -> levels -> per-channel scale/zero (+ sparse) -> RoPE
-            k1 = _levels(kt_ptr, kp_ptr, row_off, n_ok, 0, BITS, NB, HALF, BLOCK_N, LUT_SELECT)
-            k2 = _levels(kt_ptr, kp_ptr, row_off, n_ok, NB // 2, BITS, NB, HALF, BLOCK_N,
-                         LUT_SELECT)
+            # the query rotated back by the tile start: q . R(p0 + t) k = (R(p0)^T q) . R(t) k
+            lo_ok = blk * D + lo < n_blocks * D
+            cb = tl.load(ttab_ptr + blk * D + lo, mask=lo_ok, other=0.0)[None, :]
+            sb = tl.load(ttab_ptr + blk * D + hi, mask=lo_ok, other=0.0)[None, :]
+            qa = _rows(q1 * cb + q2 * sb, GS, BLOCK_G).to(MATH)
+            qb = _rows(q2 * cb - q1 * sb, GS, BLOCK_G).to(MATH)
+            row_w = (bh.to(tl.int64) * S + offs_n) * (BITS * NG)        # word offset of planes
+            # keys: codes -> levels -> per-channel scale/zero -> RoPE by the in-tile offset
+            k1, k2 = _decode(kw_ptr, row_w, n_ok, kt_ptr, kreg_ptr, BITS, NG, BLOCK_N, MATH,
+                             USE_ASM)
             k1 = k1 * ks1[None, :] + kz1[None, :]
             k2 = k2 * ks2[None, :] + kz2[None, :]
-            if HAS_SPARSE:
-                blk_flat = bh * n_blocks + blk
-                blk_ok = blk < n_blocks
-                dk1, dk2 = _sparse_tiles(kptr_ptr, kidx_ptr, kval_ptr, blk_flat, blk_ok, n_local,
-                                         lo, hi, D, E_CHUNK)
-                k1 += dk1
-                k2 += dk2
-            # cos/sin((p0 + t) * f) = angle addition of the tile start p0 (HALF cos/sin per
-            # tile) and t < BLOCK_N (a small table, L1-resident): 4 FMAs per pair, no libdevice
-            base = (blk * BLOCK_N).to(tl.float32) * invf                     # (HALF,)
-            cb = tl.cos(base) * rope_scale
-            sb = tl.sin(base) * rope_scale
-            ct = tl.load(rtab_ptr + n_local[:, None] * HALF + lo[None, :])   # (BLOCK_N, HALF)
-            st = tl.load(rtab_ptr + (BLOCK_N + n_local[:, None]) * HALF + lo[None, :])
-            cos = cb[None, :] * ct - sb[None, :] * st
-            sin = sb[None, :] * ct + cb[None, :] * st
-            kr1 = (k1 * cos - k2 * sin).to(DOT_DTYPE)
-            kr2 = (k2 * cos + k1 * sin).to(DOT_DTYPE)
-            s = tl.dot(q1, tl.trans(kr1)) + tl.dot(q2, tl.trans(kr2))   # (BLOCK_G, BLOCK_N)
+            kr1 = k1 * ct - k2 * st
+            kr2 = k2 * ct + k1 * st
+            s = tl.dot(qa, tl.trans(kr1), input_precision=PREC)
+            s = tl.dot(qb, tl.trans(kr2), s, input_precision=PREC)   # (BLOCK_G, BLOCK_N)
+            if HAS_KS:
+                s += _rows(_key_sparse(kptr_ptr, kidx_ptr, kval_ptr, blk_flat, blk, blk_ok,
+                                       q_ptr, qrow_s, gs_ok, rtab_ptr, ttab_ptr, D, BLOCK_N,
+                                       GS, E_CHUNK), GS, BLOCK_G)
             s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            # values: codes -> levels -> per-token scale/zero (+ sparse)
-            vz = tl.load(vz_ptr + bh.to(tl.int64) * S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            vs = tl.load(vs_ptr + bh.to(tl.int64) * S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            v1 = _levels(vt_ptr, vp_ptr, row_off, n_ok, 0, BITS, NB, HALF, BLOCK_N, LUT_SELECT)
-            v2 = _levels(vt_ptr, vp_ptr, row_off, n_ok, NB // 2, BITS, NB, HALF, BLOCK_N,
-                         LUT_SELECT)
+            # values: codes -> levels -> per-token scale/zero (masked tokens have p = 0 and
+            # finite levels: no select needed)
+            vz = tl.load(vz_ptr + bh.to(tl.int64) * S + offs_n, mask=n_ok, other=0.0).to(MATH)
+            vs = tl.load(vs_ptr + bh.to(tl.int64) * S + offs_n, mask=n_ok, other=0.0).to(MATH)
+            v1, v2 = _decode(vw_ptr, row_w, n_ok, vt_ptr, vreg_ptr, BITS, NG, BLOCK_N, MATH,
+                             USE_ASM)
             v1 = v1 * vs[:, None] + vz[:, None]
             v2 = v2 * vs[:, None] + vz[:, None]
-            if HAS_SPARSE:
-                dv1, dv2 = _sparse_tiles(vptr_ptr, vidx_ptr, vval_ptr, blk_flat, blk_ok, n_local,
-                                         lo, hi, D, E_CHUNK)
-                v1 += dv1
-                v2 += dv2
-            v1 = tl.where(n_ok[:, None], v1, 0.0).to(DOT_DTYPE)
-            v2 = tl.where(n_ok[:, None], v2, 0.0).to(DOT_DTYPE)
-            pc = p.to(DOT_DTYPE)
-            acc1 = acc1 * alpha[:, None] + tl.dot(pc, v1)
-            acc2 = acc2 * alpha[:, None] + tl.dot(pc, v2)
+            pc = p.to(MATH)
+            acc1 = tl.dot(pc, v1, acc1 * alpha[:, None], input_precision=PREC)
+            acc2 = tl.dot(pc, v2, acc2 * alpha[:, None], input_precision=PREC)
+            if HAS_VS:
+                cv = _value_sparse(p, vptr_ptr, vidx_ptr, vval_ptr, blk_flat, blk_ok, D,
+                                   BLOCK_G, GS, E_CHUNK)                 # (GS, D)
+                cv1, cv2 = tl.split(tl.permute(tl.reshape(cv, [GS, 2, HALF]), (0, 2, 1)))
+                acc1 += _rows(cv1, GS, BLOCK_G)
+                acc2 += _rows(cv2, GS, BLOCK_G)
             m_i = m_new
 
+        offs_g = tl.arange(0, BLOCK_G)
+        g_ok = offs_g < G
+        qrow = (bh * G + offs_g).to(tl.int64)
         has = l_i > 0
         l_safe = tl.where(has, l_i, 1.0)
         out_row = (qrow * n_splits + split)
@@ -367,24 +489,60 @@ else:
 # Launcher and public op
 # ----------------------------------------------------------------------------------------------
 
-_ROPE_TABLES: dict = {}
+_TABLES: dict = {}
+
+
+def _cached(key, make):
+    if key not in _TABLES:
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        _TABLES[key] = make()
+    return _TABLES[key]
 
 
 def rope_table(inv_freq: torch.Tensor, block: int) -> torch.Tensor:
-    """(2, block, D/2) float32: cos and sin of t * inv_freq for t < block (cached per tensor)."""
-    key = (inv_freq.data_ptr(), inv_freq.device, block, inv_freq.numel())
-    if key not in _ROPE_TABLES:
-        ang = torch.arange(block, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq
-        _ROPE_TABLES[key] = torch.stack([torch.cos(ang), torch.sin(ang)]).contiguous()
-    return _ROPE_TABLES[key]
+    """(2, block, D/2) float32: cos and sin of t * inv_freq for t < block (float64 math)."""
+    def make():
+        ang = torch.arange(block, device=inv_freq.device, dtype=torch.float64)[:, None] \
+            * inv_freq.double()
+        return torch.stack([torch.cos(ang), torch.sin(ang)]).float().contiguous()
+    return _cached(("rope", inv_freq.data_ptr(), inv_freq.device, block, inv_freq.numel()), make)
+
+
+def tile_table(inv_freq: torch.Tensor, block: int, n_blocks: int,
+               dtype=torch.float32) -> torch.Tensor:
+    """(>= n_blocks, 2, D/2) in `dtype`: cos and sin of (tile * block) * inv_freq (float64
+    math); cached with room to grow (a power of two of tiles)."""
+    cap = triton.next_power_of_2(n_blocks) if triton is not None else n_blocks
+
+    def make():
+        pos = torch.arange(cap, device=inv_freq.device, dtype=torch.float64)[:, None] * block
+        ang = pos * inv_freq.double()
+        return torch.stack([torch.cos(ang), torch.sin(ang)], dim=1).to(dtype).contiguous()
+    return _cached(("tile", inv_freq.data_ptr(), inv_freq.device, block, inv_freq.numel(), cap,
+                    dtype), make)
+
+
+def level_tables(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(levels in fp16 (8,), the prmt registers (4,) int32: low bytes of levels 0-3, 4-7, high
+    bytes of levels 0-3, 4-7) of a level table of up to 8 entries (up to 16: fp16 levels only)."""
+    def make():
+        n = max(8, table.numel())
+        t16 = torch.zeros(n, dtype=torch.float16, device=table.device)
+        t16[: table.numel()] = table.half()
+        b = t16[:8].contiguous().view(torch.uint8)                     # little endian: lo, hi
+        regs = torch.stack([b[0:8:2], b[8:16:2], b[1:8:2], b[9:16:2]]).contiguous()
+        return t16, regs.view(torch.int32).reshape(4)
+    return _cached(("levels", table.data_ptr(), table.device, table.numel(),
+                    table._version), make)
 
 
 _MIN_PROGRAMS = 528       # about four programs per multiprocessor on an H200 (132 SMs)
 
 
 def choose_splits(batch_heads: int, seq: int, interpreted: bool = False) -> int:
-    """Splits of the token axis so that the grid fills the GPU (one split per 8 tiles at most
-    for short contexts; one in the interpreter unless the sequence is long)."""
+    """Splits of the token axis so that the grid fills the GPU (one in the interpreter unless
+    the sequence is long)."""
     tiles = triton_cdiv(seq, BLOCK_N)
     if interpreted:
         return min(tiles, 2)
@@ -393,36 +551,48 @@ def choose_splits(batch_heads: int, seq: int, interpreted: bool = False) -> int:
 
 
 def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = None,
-                          num_warps: int = 4, num_stages: int = 2, lut_select: bool = True):
+                          num_warps: int = 4, num_stages: int = 2, use_asm: bool | None = None,
+                          e_chunk: int = 128):
     """Launch the kernel: q (B, Hq, D) -> partial outputs (B, Hq, n_splits, D) float32 and
-    lses (B, Hq, n_splits) float32 (natural log). lut_select: levels by a tree of selects on
-    the code bits (True) or by a gather from the level table (False)."""
+    lses (B, Hq, n_splits) float32 (natural log). use_asm: levels by PTX byte permutes (default
+    on a GPU for 2- and 3-bit codes and 16-bit queries) or by the plain-Triton fallback."""
     b, h, s, d, bits = p.shape
     hq = q.shape[1]
     g = hq // h
     n_blocks = triton_cdiv(s, p.block)
+    interpreted = is_interpreted(_kvq_decode_kernel)
     if n_splits is None:
-        n_splits = choose_splits(b * h, s, is_interpreted(_kvq_decode_kernel))
+        n_splits = choose_splits(b * h, s, interpreted)
     tiles_per_split = triton_cdiv(n_blocks, n_splits)
     n_splits = triton_cdiv(n_blocks, tiles_per_split)
+    half_math = q.dtype != torch.float32
+    asm_ok = half_math and bits <= 3 and not interpreted
+    if use_asm is None:
+        use_asm = asm_ok
+    elif use_asm and not asm_ok:
+        raise WorkbenchError("use_asm needs a GPU, 2- or 3-bit codes and 16-bit queries.")
     o = torch.empty(b, hq, n_splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, n_splits, dtype=torch.float32, device=q.device)
-    has_sparse = p.k_idx.numel() + p.v_idx.numel() > 0
+    has_ks, has_vs = p.k_idx.numel() > 0, p.v_idx.numel() > 0
     dummy_i = torch.zeros(1, dtype=torch.int16, device=q.device)
     dummy_v = torch.zeros(1, dtype=torch.float16, device=q.device)
-    qk_scale = 1.0 / math.sqrt(d) * 1.4426950408889634
+    kt16, kregs = level_tables(p.k_table)
+    vt16, vregs = level_tables(p.v_table)
+    qk_scale = float(p.rope_scale) / math.sqrt(d) * 1.4426950408889634
+    gs = triton.next_power_of_2(g)
     _kvq_decode_kernel[(b * h, n_splits)](
         q.contiguous(), o, lse,
-        p.k_planes, p.k_zero, p.k_scale, p.k_table,
-        p.v_planes, p.v_zero, p.v_scale, p.v_table,
-        p.k_ptr, p.k_idx if p.k_idx.numel() else dummy_i, p.k_val if p.k_val.numel() else dummy_v,
-        p.v_ptr, p.v_idx if p.v_idx.numel() else dummy_i, p.v_val if p.v_val.numel() else dummy_v,
-        p.inv_freq, rope_table(p.inv_freq, p.block),
-        s, h, g, n_blocks, n_splits, tiles_per_split, qk_scale, float(p.rope_scale),
-        BITS=bits, D=d, BLOCK_N=p.block, BLOCK_G=max(16, triton.next_power_of_2(g)),
-        E_CHUNK=32, HAS_SPARSE=has_sparse,
-        DOT_DTYPE=tl.float32 if q.dtype == torch.float32 else tl.float16,
-        LUT_SELECT=lut_select, num_warps=num_warps, num_stages=num_stages,
+        p.k_planes.view(torch.int32), p.k_zero, p.k_scale,
+        kt16 if half_math else p.k_table, kregs,
+        p.v_planes.view(torch.int32), p.v_zero, p.v_scale,
+        vt16 if half_math else p.v_table, vregs,
+        p.k_ptr, p.k_idx if has_ks else dummy_i, p.k_val if has_ks else dummy_v,
+        p.v_ptr, p.v_idx if has_vs else dummy_i, p.v_val if has_vs else dummy_v,
+        rope_table(p.inv_freq, p.block), tile_table(p.inv_freq, p.block, n_blocks),
+        s, h, g, n_blocks, n_splits, tiles_per_split, qk_scale,
+        BITS=bits, D=d, BLOCK_N=p.block, BLOCK_G=max(16, gs), GS=gs, E_CHUNK=e_chunk,
+        HAS_KS=has_ks, HAS_VS=has_vs, HALF_MATH=half_math, USE_ASM=bool(use_asm),
+        num_warps=num_warps, num_stages=num_stages,
     )
     return o, lse
 
@@ -432,9 +602,9 @@ def _check(q: torch.Tensor, p: PackedKV) -> None:
     if q.dim() != 3 or q.shape[0] != b or q.shape[2] != d or q.shape[1] % h:
         raise WorkbenchError(f"kvquant_decode_attention: q must be (batch={b}, q_heads (a "
                              f"multiple of kv_heads={h}), head_dim={d}), got {tuple(q.shape)}.")
-    if d % 32 or d > 256:
-        raise WorkbenchError(f"kvquant_decode_attention: head_dim must be a multiple of 32 up "
-                             f"to 256, got {d}.")
+    if d % 32 or d > 256 or d & (d - 1):
+        raise WorkbenchError(f"kvquant_decode_attention: head_dim must be a power of two from "
+                             f"32 to 256, got {d}.")
     if s == 0:
         raise WorkbenchError("kvquant_decode_attention: the cache is empty.")
     if p.block != BLOCK_N:

@@ -10,7 +10,8 @@ Two modes, as in `workbench.kvquant.quantize`:
   them are outliers when `outliers` is set (else clamped).
 
 Either way: u = clamp((x - zero) / scale, -1, 1), code = index of the nearest level (count of
-decision midpoints below u), packed into bit planes (rows, bits, D/8) uint8; and a dense fp16
+decision midpoints below u), packed into bit planes (rows, bits, D/8) uint8 in the layout of
+`kernels.kvquant_layout` (32-bit words per plane and group of 32 channels); and a dense fp16
 residual (rows, D) holding x - dequant(code) at the outliers and at the rows of sink positions
 (position < n_sink), 0 elsewhere. The caller keeps the nonzero residuals as the sparse part.
 
@@ -23,17 +24,14 @@ from __future__ import annotations
 import torch
 
 from kernels.dispatch import HAS_TRITON, pick_backend, tl, triton
+from kernels.kvquant_layout import pack_codes
 from workbench.errors import WorkbenchError
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _pack_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    r, d = codes.shape
-    c = codes.to(torch.uint8).view(r, d // 8, 8)
-    shifts = torch.arange(8, dtype=torch.uint8, device=codes.device)
-    return torch.stack([(((c >> j) & 1) << shifts).sum(-1, dtype=torch.uint8)
-                        for j in range(bits)], dim=1)                  # (rows, bits, D/8)
+    return pack_codes(codes, bits)                                    # (rows, bits, D/8)
 
 
 def quantize_pack_reference(x, levels, table, bits, *, cut_lo=None, cut_hi=None, lo=None,
@@ -80,7 +78,6 @@ if HAS_TRITON:
         D: tl.constexpr, BITS: tl.constexpr, K: tl.constexpr, BLOCK_R: tl.constexpr,
         PER_CHANNEL: tl.constexpr, OUTLIERS: tl.constexpr,
     ):
-        NB: tl.constexpr = D // 8
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = r < rows
         d = tl.arange(0, D)
@@ -120,14 +117,20 @@ if HAS_TRITON:
         keep = out | (pos < n_sink)[:, None]
         res = tl.where(keep, x - deq, 0.0)
         tl.store(res_ptr + r64[:, None] * D + d[None, :], res.to(tl.float16), mask=r_ok[:, None])
-        # bit planes: byte i of plane j gathers bit j of codes 8i .. 8i+7
-        c3 = tl.reshape(code, [BLOCK_R, NB, 8])
-        shifts = tl.arange(0, 8)
-        nb = tl.arange(0, NB)
+        # bit planes (kernels.kvquant_layout): word w of plane j holds bit j of the codes of
+        # channel h * D/2 + 16 w + 8 l1 + k at bit (4 k + 2 h + l1 + j) mod 32
+        NG: tl.constexpr = D // 32
+        c5 = tl.reshape(code, [BLOCK_R, 2, NG, 2, 8])                  # (r, h, w, l1, k)
+        hh = tl.arange(0, 2)[:, None, None, None]
+        l1 = tl.arange(0, 2)[None, None, :, None]
+        kk = tl.arange(0, 8)[None, None, None, :]
+        offs_w = tl.arange(0, NG)
         for j in tl.static_range(BITS):
-            byte = tl.sum(((c3 >> j) & 1) << shifts[None, None, :], axis=2)   # (BLOCK_R, NB)
-            tl.store(planes_ptr + r64[:, None] * (BITS * NB) + j * NB + nb[None, :],
-                     byte.to(tl.uint8), mask=r_ok[:, None])
+            sh = (4 * kk + 2 * hh + l1 + j) % 32                       # (2, 1, 2, 8)
+            b = ((c5 >> j) & 1) << sh[None, :, :, :, :]
+            word = tl.sum(tl.sum(tl.sum(b, axis=4), axis=3), axis=1)   # (BLOCK_R, NG): disjoint bits
+            tl.store(planes_ptr + r64[:, None] * (BITS * NG) + j * NG + offs_w[None, :],
+                     word, mask=r_ok[:, None])
 
 else:
     _kvq_pack_kernel = None
@@ -139,8 +142,8 @@ def quantize_pack(x, levels, table, bits, *, cut_lo=None, cut_hi=None, lo=None, 
     """Quantize and pack rows of appended tokens (module docstring); same returns as
     `quantize_pack_reference`. backend: "auto" | "triton" | "torch"."""
     rows, d = x.shape
-    if d % 8 or d & (d - 1):
-        raise WorkbenchError(f"quantize_pack: head_dim must be a power of two >= 8, got {d}.")
+    if d % 32 or d & (d - 1):
+        raise WorkbenchError(f"quantize_pack: head_dim must be a power of two >= 32, got {d}.")
     if (lo is None) == (cut_lo is None):
         raise WorkbenchError("quantize_pack: give cut_lo/cut_hi (per-token) or lo/hi "
                              "(per-channel), not both or neither.")
@@ -164,7 +167,7 @@ def quantize_pack(x, levels, table, bits, *, cut_lo=None, cut_hi=None, lo=None, 
     block_r = 16
     if rows:
         _kvq_pack_kernel[(triton.cdiv(rows, block_r),)](
-            x.contiguous(), planes, zero if zero is not None else residual,
+            x.contiguous(), planes.view(torch.int32), zero if zero is not None else residual,
             scale if scale is not None else residual, residual,
             cut_lo.float().contiguous() if cut_lo is not None else dummy,
             cut_hi.float().contiguous() if cut_hi is not None else dummy,

@@ -170,9 +170,9 @@ class KVQuantCache(Cache):
             tables = [calibration.tables(i, self.spec) for i in range(self.geometry.layers)]
         else:
             tables = [default_tables(self.spec)] * self.geometry.layers
-        if not self.spec.is_fp16 and self.geometry.head_dim % 8:
-            raise WorkbenchError(f"head_dim {self.geometry.head_dim} is not a multiple of 8: "
-                                 "the packed layout needs whole bytes per bit plane.")
+        if not self.spec.is_fp16 and self.geometry.head_dim % 32:
+            raise WorkbenchError(f"head_dim {self.geometry.head_dim} is not a multiple of 32: "
+                                 "the packed layout needs whole 32-bit words per bit plane.")
         rotary = Rotary(model) if self.spec.pre_rope and not self.spec.is_fp16 else None
         layers = [KVQuantLayer(self.spec, t, rotary) for t in tables]
         super().__init__(layers=layers)

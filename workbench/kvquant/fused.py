@@ -4,7 +4,8 @@
     out = kvquant_decode_attention(q, packed)   # q (B, Hq, D) post-RoPE, one token
 
 `pack_layer` reuses the layer's packed codes and ranges as they are and only re-sorts the sparse
-outliers into the kernel's block-CSR (int16 index + fp16 delta per entry). `random_layer` builds a
+outliers into the kernel's block-CSR (int16 index + fp16 delta per entry; key entries by token
+and value entries by channel within a block). `random_layer` builds a
 packed layer from random tensors of a given shape, for kernel tests and speed runs (accuracy is
 measured with the real model, in `evaluate`).
 """
@@ -30,7 +31,8 @@ def pack(qk: Quantized, qv: Quantized, tables: LayerTables, inv_freq: torch.Tens
     lo, hi = tables.key_lo.float(), tables.key_hi.float()
     dev = qk.codes.device
     k_csr = block_csr(qk.outlier_index, qk.outlier_delta, b, h, s, d, BLOCK_N)
-    v_csr = block_csr(qv.outlier_index, qv.outlier_delta, b, h, s, d, BLOCK_N)
+    v_csr = block_csr(qv.outlier_index, qv.outlier_delta, b, h, s, d, BLOCK_N,
+                      by_channel=True)
     return PackedKV(
         qk.codes, ((hi + lo) / 2).to(dev), ((hi - lo) / 2).clamp_min(1e-6).to(dev),
         tables.key_table.float().to(dev),

@@ -1,39 +1,17 @@
-"""Pack b-bit codes into bit planes: b bytes per 8 codes, exactly b bits per element.
+"""Pack b-bit codes into bit planes: exactly b bits per element, in the fused kernel's layout.
 
-Layout, for codes of shape (..., D) with D a multiple of 8:
-
-    planes (..., bits, D // 8) uint8     planes[..., j, i] bit t = bit j of code[..., 8 * i + t]
-
-Each vector's planes are contiguous (bits * D / 8 bytes), so a kernel reads one token of one
-head as one short row and rebuilds code = sum_j ((planes[j, d // 8] >> (d % 8)) & 1) << j with
-shifts only. The same layout serves 2, 3 and 4 bits (3-bit codes need no straddling of bytes).
+Layout, for codes of shape (..., D) with D a multiple of 32: planes (..., bits, D // 8) uint8;
+plane j of a vector is D/32 little-endian 32-bit words, word w holding bit j of the codes of
+channels [16w, 16w + 16) and their RoPE partners [D/2 + 16w, D/2 + 16w + 16), arranged so that
+the decode kernel turns three plane words into byte-permute selectors with a rotate and a mask
+per plane and lane (`kernels.kvquant_layout` has the bit map and the reasons). Each vector's
+planes are contiguous (bits * D / 8 bytes); the same layout serves 2, 3 and 4 bits. This module
+re-exports the one definition in `kernels.kvquant_layout`, which the Triton pack and decode
+kernels and the cache share.
 """
 
 from __future__ import annotations
 
-import torch
+from kernels.kvquant_layout import pack_codes, unpack_codes
 
-from workbench.errors import WorkbenchError
-
-_SHIFTS = torch.arange(8, dtype=torch.uint8)                    # bit t within a byte
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes (..., D) uint8 < 2**bits -> planes (..., bits, D // 8) uint8."""
-    d = codes.shape[-1]
-    if d % 8:
-        raise WorkbenchError(f"Packing needs the last dim to be a multiple of 8, got {d}.")
-    c = codes.to(torch.uint8).reshape(*codes.shape[:-1], d // 8, 8)        # (..., D/8, 8)
-    shifts = _SHIFTS.to(codes.device)
-    planes = [(((c >> j) & 1) << shifts).sum(-1, dtype=torch.uint8) for j in range(bits)]
-    return torch.stack(planes, dim=-2)                                     # (..., bits, D/8)
-
-
-def unpack_codes(planes: torch.Tensor) -> torch.Tensor:
-    """planes (..., bits, D // 8) uint8 -> codes (..., D) uint8 (the inverse of `pack_codes`)."""
-    bits, nbytes = planes.shape[-2:]
-    shifts = _SHIFTS.to(planes.device)
-    bitvals = (planes[..., None] >> shifts) & 1                            # (..., bits, D/8, 8)
-    weights = (1 << torch.arange(bits, dtype=torch.uint8, device=planes.device))
-    codes = (bitvals * weights[:, None, None]).sum(-3, dtype=torch.uint8)  # (..., D/8, 8)
-    return codes.reshape(*planes.shape[:-2], nbytes * 8)
+__all__ = ["pack_codes", "unpack_codes"]
