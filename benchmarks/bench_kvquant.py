@@ -55,7 +55,7 @@ SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}   # q heads, kv
 # launch settings timed per case: (warps, stages, splits as a multiple of ~4 programs per SM,
 # levels by PTX byte permutes (True) or by the plain-Triton fallback (False), sparse entries per
 # chunk); the best is reported
-SETTINGS = ((4, 2, 1, True, 128), (4, 2, 2, True, 128), (8, 2, 1, True, 128),
+SETTINGS = ((4, 2, 1, True, 128), (4, 2, 2, True, 128), (4, 3, 1, True, 128),
             (4, 2, 1, True, 64), (4, 2, 1, False, 128))
 
 
