@@ -689,21 +689,24 @@ def main(argv: list[str] | None = None) -> int:
         contexts, budgets = (128 * 1024,), (1 / 8,)
     rows, profiles = [], {}
     meta["kernel_profiles"] = profiles
-    for shape in shapes:
-        for n in contexts:
-            for mode in ("prefill",) if args.prefill_only else ("decode", "prefill"):
-                for budget in budgets:
-                    t0 = time.perf_counter()
-                    rows += bench_case(shape, n, mode, budget, dtype, device, can_triton,
-                                       user=meta["user_tokens"],
-                                       tune=args.tune and budget == 1 / 8
-                                       and n == max(contexts),
-                                       profile=args.profile and on_gpu and budget == 1 / 8
-                                       and n == max(contexts), meta_profile=profiles,
-                                       tune_prefill=args.tune_prefill and budget == 1 / 8
-                                       and n == max(contexts))
-                    print(f"  {shape.name} n={n} {mode} 1/{round(1 / budget)}: "
-                          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    out_dir = args.out or ("benchmarks/results" if on_gpu else None)
+    modes = ("prefill",) if args.prefill_only else ("prefill", "decode")
+    cases = [(mode, shape, n, budget) for mode in modes for shape in shapes
+             for n in contexts for budget in budgets]
+    for i, (mode, shape, n, budget) in enumerate(cases, 1):
+        t0 = time.perf_counter()
+        last = n == max(contexts) and budget == 1 / 8
+        rows += bench_case(shape, n, mode, budget, dtype, device, can_triton,
+                           user=meta["user_tokens"], tune=args.tune and last,
+                           profile=args.profile and on_gpu and last, meta_profile=profiles,
+                           tune_prefill=args.tune_prefill and last)
+        print(f"  {shape.name} n={n} {mode} 1/{round(1 / budget)}: "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        if out_dir:          # after every case, so that a run cut short keeps what it measured
+            meta["targets"] = targets(rows)
+            meta["cases_done"] = f"{i} of {len(cases)}"
+            write_results(f"squeezed_{device_slug(device)}", rows, device=device, meta=meta,
+                          out_dir=out_dir)
     meta["targets"] = targets(rows)
     print()
     print_table(rows, ("name", "impl", "median_ms", "speedup", "graph_ms", "graph_speedup",
@@ -711,7 +714,6 @@ def main(argv: list[str] | None = None) -> int:
     for name, lines in profiles.items():
         print(f"\nkernels of squeezed, {name}:", *lines, sep="\n  ")
     print("\ntargets:", *[f"{k}: {v}" for k, v in meta["targets"].items()], sep="\n  ")
-    out_dir = args.out or ("benchmarks/results" if on_gpu else None)
     if out_dir:
         path = write_results(f"squeezed_{device_slug(device)}", rows, device=device, meta=meta,
                              out_dir=out_dir)
