@@ -134,3 +134,12 @@ def test_clustered_layout_gives_the_same_attention(backend, q_len, block):
     want = fast_squeezed_attention(plan, 0, q, k, v, block, backend=backend)
     got = fast_squeezed_attention(cplan, 0, q, kc, vc, block, backend=backend)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_prefill_choice_is_checked():
+    index, keys = synthetic_index()
+    plan = DevicePlan.from_index(index, 0.3, device="cpu", dtype=torch.float32)
+    q = torch.randn(1, index.q_heads, 5, index.head_dim)
+    k = torch.cat([keys, torch.randn(index.kv_heads, 5, index.head_dim)], 1)[None]
+    with pytest.raises(Exception, match="prefill must be"):
+        fast_squeezed_attention(plan, 0, q, k, k, 4, backend="torch", prefill="dense")
