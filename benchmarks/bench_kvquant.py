@@ -56,7 +56,7 @@ SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}   # q heads, kv
 # levels by PTX byte permutes (True) or by the plain-Triton fallback (False), sparse entries per
 # chunk); the best is reported
 SETTINGS = ((4, 2, 1, True, 128), (4, 2, 2, True, 128), (4, 3, 1, True, 128),
-            (4, 2, 1, True, 64), (4, 2, 1, False, 128))
+            (4, 3, 2, True, 128), (4, 3, 1, True, 64), (4, 3, 1, False, 128))
 
 
 def dense_inputs(hq, hkv, s, d, dtype, gen):

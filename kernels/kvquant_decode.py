@@ -38,6 +38,15 @@ per dequantized element and 3x faster ~5):
   work per tile instead of a dense one-hot product.
 
 Each split writes a partial output and its log-sum-exp; `kernels.lse_merge` merges the splits.
+
+Measured on an H200 (benchmarks/results/kvquant_decode_h200.json, 128K tokens, batch 1): nuq3
+without sparse part 0.82 ms for the Llama-2-7B shape (32 KV heads; fp16 SDPA 0.49 ms) and
+0.196 ms for the Llama-3-8B shape (8 KV heads; SDPA 0.139 ms); nuq3-1% 0.58 ms for Llama-3. The
+dense loop compiles to ~7 lane-operations per element (sm_90 SASS; the previous kernel ~69) but
+runs at ~500 GB/s of packed bytes: it is latency-bound (~214 registers per thread, two blocks of
+four warps per multiprocessor, a chain of shared-memory round trips per tile), and the sparse
+corrections (histogram, prefix sums and gathers with barriers, per chunk of entries) more than
+double the time. Not yet faster than SDPA.
 With float32 queries the math is float32 (fallback path), otherwise fp16 with fp32 softmax and
 accumulation; errors stay within the flash-attention rule of `kernels.testing`.
 
@@ -298,32 +307,24 @@ if HAS_TRITON:
                               [BLOCK_G, x.shape[1]])
 
     @triton.jit
-    def _first_rows(x, GS: tl.constexpr, BLOCK_G: tl.constexpr):
-        # (BLOCK_G, M) -> its first GS rows (GS, M)
-        if GS == BLOCK_G:
-            return x
-        else:
-            x3 = tl.reshape(x, [BLOCK_G // GS, GS, x.shape[1]])
-            first = (tl.arange(0, BLOCK_G // GS) == 0)[:, None, None]
-            return tl.sum(tl.where(first, x3, 0.0), axis=0)
-
-    @triton.jit
-    def _segment_sum(x, seg, ok, NSEG: tl.constexpr):
-        # x (GS, E) fp32 with entries sorted by seg (E,) int32 (masked entries last, x = 0):
-        # (GS, NSEG) sums of x per segment, by prefix sums and two gathers
+    def _segment_bounds(seg, ok, NSEG: tl.constexpr):
+        # entries sorted by seg (E,) int32, masked ones last: [start, end) of each segment
         cnt = tl.histogram(seg, NSEG, mask=ok)
         end = tl.cumsum(cnt, 0)
-        start = end - cnt
-        c = tl.cumsum(x, 1)
-        gs: tl.constexpr = x.shape[0]
-        hi_i = tl.broadcast_to(tl.maximum(end - 1, 0)[None, :], [gs, NSEG])
-        lo_i = tl.broadcast_to(tl.maximum(start - 1, 0)[None, :], [gs, NSEG])
-        hi_v = tl.where(end[None, :] > 0, tl.gather(c, hi_i, 1), 0.0)
-        lo_v = tl.where(start[None, :] > 0, tl.gather(c, lo_i, 1), 0.0)
+        return end - cnt, end
+
+    @triton.jit
+    def _segment_sum(x, start, end):
+        # x (E,) fp32 in segment order (masked entries 0) -> (NSEG,) sums per segment, by
+        # prefix sums and two gathers. Rank 1 on purpose: Triton 3.6's layout optimization of
+        # a 2-D gather with fewer rows than warps asserts (setOptimizedGatherLayout, #11600)
+        c = tl.cumsum(x, 0)
+        hi_v = tl.where(end > 0, tl.gather(c, tl.maximum(end - 1, 0), 0), 0.0)
+        lo_v = tl.where(start > 0, tl.gather(c, tl.maximum(start - 1, 0), 0), 0.0)
         return hi_v - lo_v
 
     @triton.jit
-    def _key_sparse(ptr_ptr, idx_ptr, val_ptr, blk_flat, blk, blk_ok, q_ptr, qrow_s, gs_ok,
+    def _key_sparse(ptr_ptr, idx_ptr, val_ptr, blk_flat, blk, blk_ok, q_ptr, qrow0, G,
                     rtab_ptr, ttab_ptr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                     GS: tl.constexpr, E_CHUNK: tl.constexpr):
         # score corrections (GS, BLOCK_N) of the tile's key outliers: an outlier delta at
@@ -331,6 +332,7 @@ if HAS_TRITON:
         HALF: tl.constexpr = D // 2
         e0 = tl.load(ptr_ptr + blk_flat, mask=blk_ok, other=0)
         e1 = tl.load(ptr_ptr + blk_flat + 1, mask=blk_ok, other=0)
+        rows = tl.arange(0, GS)[:, None]
         corr = tl.zeros([GS, BLOCK_N], dtype=tl.float32)
         for e in range(e0, e1, E_CHUNK):
             offs_e = e + tl.arange(0, E_CHUNK)
@@ -340,19 +342,20 @@ if HAS_TRITON:
             t_e = idx // D
             d_e = idx % D
             i_e = d_e % HALF
+            up = d_e >= HALF
             cb = tl.load(ttab_ptr + blk * D + i_e)
             sb = tl.load(ttab_ptr + blk * D + HALF + i_e)
             ct = tl.load(rtab_ptr + t_e * HALF + i_e)
             st = tl.load(rtab_ptr + (BLOCK_N + t_e) * HALF + i_e)
-            c = (cb * ct - sb * st)[None, :]
-            sn = (sb * ct + cb * st)[None, :]
-            qa = tl.load(q_ptr + qrow_s[:, None] * D + i_e[None, :], mask=gs_ok[:, None],
-                         other=0.0).to(tl.float32)
-            qb = tl.load(q_ptr + qrow_s[:, None] * D + HALF + i_e[None, :], mask=gs_ok[:, None],
-                         other=0.0).to(tl.float32)
-            delta = val[None, :] * tl.where((d_e >= HALF)[None, :], qb * c - qa * sn,
-                                            qa * c + qb * sn)
-            corr += _segment_sum(delta, t_e, e_ok, BLOCK_N)
+            c = cb * ct - sb * st
+            sn = sb * ct + cb * st
+            start, end = _segment_bounds(t_e, e_ok, BLOCK_N)
+            for g in tl.static_range(GS):
+                qrow = qrow0 + tl.minimum(g, G - 1)            # rows >= G: padding copies
+                qa = tl.load(q_ptr + qrow * D + i_e).to(tl.float32)
+                qb = tl.load(q_ptr + qrow * D + HALF + i_e).to(tl.float32)
+                delta = val * tl.where(up, qb * c - qa * sn, qa * c + qb * sn)
+                corr += tl.where(rows == g, _segment_sum(delta, start, end)[None, :], 0.0)
         return corr
 
     @triton.jit
@@ -361,16 +364,20 @@ if HAS_TRITON:
         # sum over the tile's value outliers of p[token] * delta, per channel: (GS, D)
         e0 = tl.load(ptr_ptr + blk_flat, mask=blk_ok, other=0)
         e1 = tl.load(ptr_ptr + blk_flat + 1, mask=blk_ok, other=0)
-        pg = _first_rows(p, GS, BLOCK_G)                                 # (GS, BLOCK_N)
+        rows_p = tl.arange(0, BLOCK_G)[:, None]
+        rows = tl.arange(0, GS)[:, None]
         corr = tl.zeros([GS, D], dtype=tl.float32)
         for e in range(e0, e1, E_CHUNK):
             offs_e = e + tl.arange(0, E_CHUNK)
             e_ok = offs_e < e1
             idx = tl.load(idx_ptr + offs_e, mask=e_ok, other=0).to(tl.int32)
             val = tl.load(val_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
-            t_i = tl.broadcast_to((idx // D)[None, :], [GS, E_CHUNK])
-            pe = tl.gather(pg, t_i, 1)                                   # (GS, E)
-            corr += _segment_sum(pe * val[None, :], idx % D, e_ok, D)
+            t_e = idx // D
+            start, end = _segment_bounds(idx % D, e_ok, D)
+            for g in tl.static_range(GS):
+                pg = tl.sum(tl.where(rows_p == g, p, 0.0), axis=0)    # (BLOCK_N,) row g
+                pe = tl.gather(pg, t_e, 0)                          # (E,)
+                corr += tl.where(rows == g, _segment_sum(pe * val, start, end)[None, :], 0.0)
         return corr
 
     @triton.jit
@@ -441,8 +448,8 @@ if HAS_TRITON:
             s = tl.dot(qb, tl.trans(kr2), s, input_precision=PREC)   # (BLOCK_G, BLOCK_N)
             if HAS_KS:
                 s += _rows(_key_sparse(kptr_ptr, kidx_ptr, kval_ptr, blk_flat, blk, blk_ok,
-                                       q_ptr, qrow_s, gs_ok, rtab_ptr, ttab_ptr, D, BLOCK_N,
-                                       GS, E_CHUNK), GS, BLOCK_G)
+                                       q_ptr, bh * G, G, rtab_ptr, ttab_ptr, D, BLOCK_N, GS,
+                                       E_CHUNK), GS, BLOCK_G)
             s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -537,7 +544,8 @@ def level_tables(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                     table._version), make)
 
 
-_MIN_PROGRAMS = 528       # about four programs per multiprocessor on an H200 (132 SMs)
+_MIN_PROGRAMS = 1056      # about eight programs per multiprocessor on an H200 (132 SMs): the
+                          # Llama-2 shape at 128K ran in 0.82 ms with 34 splits vs 0.95 with 17
 
 
 def choose_splits(batch_heads: int, seq: int, interpreted: bool = False) -> int:
@@ -551,7 +559,7 @@ def choose_splits(batch_heads: int, seq: int, interpreted: bool = False) -> int:
 
 
 def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = None,
-                          num_warps: int = 4, num_stages: int = 2, use_asm: bool | None = None,
+                          num_warps: int = 4, num_stages: int = 3, use_asm: bool | None = None,
                           e_chunk: int = 128):
     """Launch the kernel: q (B, Hq, D) -> partial outputs (B, Hq, n_splits, D) float32 and
     lses (B, Hq, n_splits) float32 (natural log). use_asm: levels by PTX byte permutes (default
