@@ -54,9 +54,10 @@ from workbench.kvquant.levels import nf_levels  # noqa: E402
 SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}   # q heads, kv heads, head_dim
 # launch settings timed per case: (warps, stages, splits as a multiple of ~4 programs per SM,
 # levels by PTX byte permutes (True) or by the plain-Triton fallback (False), sparse entries per
-# chunk); the best is reported
-SETTINGS = ((4, 2, 1, True, 128), (4, 2, 2, True, 128), (4, 3, 1, True, 128),
-            (4, 3, 2, True, 128), (4, 3, 1, True, 64), (4, 3, 1, False, 128))
+# chunk, register cap or None); the best is reported
+SETTINGS = ((4, 2, 1, True, 128, None), (4, 2, 2, True, 128, None), (4, 3, 1, True, 128, None),
+            (4, 3, 2, True, 128, None), (4, 3, 2, True, 128, 168), (4, 3, 2, True, 128, 128),
+            (4, 3, 1, True, 64, None), (4, 3, 1, False, 128, None))
 
 
 def dense_inputs(hq, hkv, s, d, dtype, gen):
@@ -154,16 +155,18 @@ def main(argv=None):
                         log(f"  asm vs fallback: max |o| diff {float((oa - ob).abs().max()):.3g}, "
                             f"max |lse| diff {float((la - lb).abs().max()):.3g}")
                     timings = {}
-                    for nw, ns, mult, asm, chunk in SETTINGS:
+                    for nw, ns, mult, asm, chunk, regs in SETTINGS:
                         if (asm and bits > 3) or (chunk != 128 and frac == 0):
                             continue
                         n_spl = mult * max(1, -(-528 // hkv))
                         key = (f"warps={nw} stages={ns} splits={n_spl} "
-                               f"levels={'prmt' if asm else 'triton'} chunk={chunk}")
+                               f"levels={'prmt' if asm else 'triton'} chunk={chunk}"
+                               + (f" maxnreg={regs}" if regs else ""))
                         try:
                             def run(nw=nw, ns=ns, n_spl=n_spl, q=q, packed=packed, asm=asm,
-                                    chunk=chunk):
-                                o, lse = kvquant_decode_triton(q, packed, n_spl, nw, ns, asm, chunk)
+                                    chunk=chunk, regs=regs):
+                                o, lse = kvquant_decode_triton(q, packed, n_spl, nw, ns, asm, chunk,
+                                                               regs)
                                 return merge_attention_partials(o, lse)
                             run()
                             timings[key] = time_ms(run)

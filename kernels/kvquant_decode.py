@@ -560,10 +560,13 @@ def choose_splits(batch_heads: int, seq: int, interpreted: bool = False) -> int:
 
 def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = None,
                           num_warps: int = 4, num_stages: int = 3, use_asm: bool | None = None,
-                          e_chunk: int = 128):
+                          e_chunk: int = 128, max_registers: int | None = None):
     """Launch the kernel: q (B, Hq, D) -> partial outputs (B, Hq, n_splits, D) float32 and
     lses (B, Hq, n_splits) float32 (natural log). use_asm: levels by PTX byte permutes (default
-    on a GPU for 2- and 3-bit codes and 16-bit queries) or by the plain-Triton fallback."""
+    on a GPU for 2- and 3-bit codes and 16-bit queries) or by the plain-Triton fallback.
+    max_registers: cap on registers per thread (ptxas spills above it; the kernel uses ~214 at
+    4 warps, which allows two blocks per multiprocessor: a lower cap trades spills for
+    occupancy, not yet measured)."""
     b, h, s, d, bits = p.shape
     hq = q.shape[1]
     g = hq // h
@@ -601,6 +604,7 @@ def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = N
         BITS=bits, D=d, BLOCK_N=p.block, BLOCK_G=max(16, gs), GS=gs, E_CHUNK=e_chunk,
         HAS_KS=has_ks, HAS_VS=has_vs, HALF_MATH=half_math, USE_ASM=bool(use_asm),
         num_warps=num_warps, num_stages=num_stages,
+        **({"maxnreg": int(max_registers)} if max_registers and not interpreted else {}),
     )
     return o, lse
 
