@@ -40,13 +40,14 @@ per dequantized element and 3x faster ~5):
 Each split writes a partial output and its log-sum-exp; `kernels.lse_merge` merges the splits.
 
 Measured on an H200 (benchmarks/results/kvquant_decode_h200.json, 128K tokens, batch 1): nuq3
-without sparse part 0.82 ms for the Llama-2-7B shape (32 KV heads; fp16 SDPA 0.49 ms) and
-0.196 ms for the Llama-3-8B shape (8 KV heads; SDPA 0.139 ms); nuq3-1% 0.58 ms for Llama-3. The
-dense loop compiles to ~7 lane-operations per element (sm_90 SASS; the previous kernel ~69) but
-runs at ~500 GB/s of packed bytes: it is latency-bound (~214 registers per thread, two blocks of
-four warps per multiprocessor, a chain of shared-memory round trips per tile), and the sparse
-corrections (histogram, prefix sums and gathers with barriers, per chunk of entries) more than
-double the time. Not yet faster than SDPA.
+without sparse part 0.79 ms for the Llama-2-7B shape (32 KV heads; fp16 SDPA 0.49 ms) and
+0.26 ms for the Llama-3-8B shape (8 KV heads; SDPA 0.139 ms); nuq3-1% 1.49 / 0.52 ms (the
+previous kernel: 5.4 / 1.4 ms). The dense loop compiles to ~7 lane-operations per element
+(sm_90 SASS; the previous kernel ~69) but runs at ~500 GB/s of packed bytes: it is
+latency-bound (~214 registers per thread, two blocks of four warps per multiprocessor, a chain
+of shared-memory round trips per tile; capping registers at 168 or 128 spilled and was slower),
+and the sparse corrections (histogram, prefix sums and gathers with barriers, per chunk of
+entries) about double the time. Not yet faster than SDPA.
 With float32 queries the math is float32 (fallback path), otherwise fp16 with fp32 softmax and
 accumulation; errors stay within the flash-attention rule of `kernels.testing`.
 
