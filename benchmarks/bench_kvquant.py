@@ -8,14 +8,18 @@ For each attention shape (Llama-2-7B: 32 x 128 heads; Llama-3-8B: 32 q / 8 kv he
   enable_gqa); the faster of the two is the baseline of the speedup;
 - the fused kernel (`kernels.kvquant_decode`) over a packed cache quantized from random
   tensors with a few large channels (nuq3 with 1% dense-and-sparse and the first token
-  exact, nuq3 without sparse part; nuq2/4 with --all-bits), for a few launch settings (the best
-  is reported);
+  exact, nuq3 without sparse part; nuq2/4 with --all-bits), for the launch settings in
+  SETTINGS (the current default first, then the variants: the sparse part in separate passes,
+  queries rotated by a pre-pass, tiles of 32 tokens; the best correct one is reported, all
+  are in the JSON with their max error);
 - correctness: the kernel against the float64 reference on the same packed cache, by the
   flash-attention rule in `kernels.testing` (bf16 queries), and the pack kernel against its
   reference (codes equal, residual close);
-- bytes: what the kernel reads at least once (codes, ranges, sparse part, its cos/sin tables:
-  `PackedKV.kernel_bytes`) vs 2 * S * H * D * 2 dense bytes; achieved GB/s = bytes / median
-  time.
+- bytes: what the kernel reads at least once (codes, ranges, sparse part, its cos/sin tables,
+  the separate passes' buffers: `PackedKV.kernel_bytes` of the reported setting) vs
+  2 * S * H * D * 2 dense bytes; achieved GB/s = bytes / median time.
+Next H200 run (128K only, up to 13 settings per case, under the 250 s budget):
+    python benchmarks/bench_kvquant.py --contexts 131072
 Random tensors: speed and shape only; accuracy is measured with the real model on CPU.
 """
 
@@ -48,16 +52,36 @@ from kernels.kvquant_decode import (  # noqa: E402
 from kernels.kvquant_pack import quantize_pack, quantize_pack_reference  # noqa: E402
 from kernels.lse_merge import merge_attention_partials  # noqa: E402
 from kernels.testing import compare_to_reference  # noqa: E402
-from workbench.kvquant.fused import random_layer  # noqa: E402
+from workbench.kvquant.fused import random_layer, reblock  # noqa: E402
 from workbench.kvquant.levels import nf_levels  # noqa: E402
 
 SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}   # q heads, kv heads, head_dim
-# launch settings timed per case: (warps, stages, splits as a multiple of ~4 programs per SM,
-# levels by PTX byte permutes (True) or by the plain-Triton fallback (False), sparse entries per
-# chunk, register cap or None); the best is reported
-SETTINGS = ((4, 2, 1, True, 128, None), (4, 2, 2, True, 128, None), (4, 3, 1, True, 128, None),
-            (4, 3, 2, True, 128, None), (4, 3, 2, True, 128, 168), (4, 3, 2, True, 128, 128),
-            (4, 3, 1, True, 64, None), (4, 3, 1, False, 128, None))
+# launch settings timed per case: (label, tokens per tile (the sparse part is re-blocked to
+# match), splits as a multiple of ~4 programs per SM, kvquant_decode_triton options); the
+# default path first; settings that only change the sparse part run only where there is one.
+# Local sm_90 SASS (Triton 3.9, Llama-2 / Llama-3 shape, nuq3-1%): registers per thread and
+# instructions in the tile loop per tile, see kernels/kvquant_decode.py's docstring.
+_B = {"num_warps": 4, "use_asm": None, "e_chunk": 128}     # None: PTX lookups for 2-3 bits
+_PASSES = {"key_sparse": "prepass", "value_sparse": "post"}
+_QROT = {"rotate_queries": "prepass"}
+SETTINGS = (
+    ("default", 64, 2, {**_B, "num_stages": 3}),
+    ("default stages=2 splits/2", 64, 1, {**_B, "num_stages": 2}),
+    ("key prepass", 64, 2, {**_B, "num_stages": 3, "key_sparse": "prepass"}),
+    ("value post", 64, 2, {**_B, "num_stages": 3, "value_sparse": "post"}),
+    ("sparse passes", 64, 2, {**_B, "num_stages": 3, **_PASSES}),
+    ("passes+qrot", 64, 2, {**_B, "num_stages": 3, **_PASSES, **_QROT}),
+    ("passes+qrot stages=2", 64, 2, {**_B, "num_stages": 2, **_PASSES, **_QROT}),
+    ("passes+qrot block=32", 32, 2, {**_B, "num_stages": 3, **_PASSES, **_QROT}),
+    ("passes+qrot block=32 splits/2", 32, 1, {**_B, "num_stages": 3, **_PASSES, **_QROT}),
+    ("passes+qrot block=32 stages=4", 32, 2, {**_B, "num_stages": 4, **_PASSES, **_QROT}),
+    ("passes+qrot block=32 maxnreg=168", 32, 2,
+     {**_B, "num_stages": 3, **_PASSES, **_QROT, "max_registers": 168}),
+    ("passes+qrot block=32 maxnreg=128", 32, 2,
+     {**_B, "num_stages": 3, **_PASSES, **_QROT, "max_registers": 128}),
+    ("block=32", 32, 2, {**_B, "num_stages": 3}),
+)
+_SPARSE_ONLY = ("key_sparse", "value_sparse")
 
 
 def dense_inputs(hq, hkv, s, d, dtype, gen):
@@ -97,7 +121,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="32K only")
     parser.add_argument("--contexts", default="32768,131072")
     parser.add_argument("--all-bits", action="store_true", help="also nuq2-1%% and nuq4-1%%")
-    parser.add_argument("--budget-s", type=float, default=290.0,
+    parser.add_argument("--budget-s", type=float, default=250.0,
                         help="stop starting new cases after this many seconds")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -147,35 +171,53 @@ def main(argv=None):
                     rep = compare_to_reference(None, kvquant_decode_reference, (q, packed),
                                                kernel_out=(out,), names=("out",))[0]
                     log(f"{shape_name} {s} {vname}: {rep}")
-                    nbytes = packed.kernel_bytes()
                     # the PTX lookup against the plain-Triton fallback: the same fp16 numbers
                     if bits <= 3:
                         oa, la = kvquant_decode_triton(q, packed, use_asm=True)
                         ob, lb = kvquant_decode_triton(q, packed, use_asm=False)
                         log(f"  asm vs fallback: max |o| diff {float((oa - ob).abs().max()):.3g}, "
                             f"max |lse| diff {float((la - lb).abs().max()):.3g}")
-                    timings = {}
-                    for nw, ns, mult, asm, chunk, regs in SETTINGS:
-                        if (asm and bits > 3) or (chunk != 128 and frac == 0):
-                            continue
+                    timings, errs, moved, seen = {}, {}, {}, set()
+                    truth = kvquant_decode_reference(q.double(), packed)
+                    by_block = {64: packed}
+                    for label, block, mult, opts in SETTINGS:
+                        if frac == 0:          # no sparse part: its options do nothing
+                            opts = {k: v for k, v in opts.items() if k not in _SPARSE_ONLY}
+                            label = label.replace("passes+", "")
                         n_spl = mult * max(1, -(-528 // hkv))
-                        key = (f"warps={nw} stages={ns} splits={n_spl} "
-                               f"levels={'prmt' if asm else 'triton'} chunk={chunk}"
-                               + (f" maxnreg={regs}" if regs else ""))
+                        eff = (block, n_spl, tuple(sorted(opts.items())))
+                        if eff in seen:
+                            continue
+                        seen.add(eff)
+                        key = f"{label} (splits={n_spl})"
                         try:
-                            def run(nw=nw, ns=ns, n_spl=n_spl, q=q, packed=packed, asm=asm,
-                                    chunk=chunk, regs=regs):
-                                o, lse = kvquant_decode_triton(q, packed, n_spl, nw, ns, asm, chunk,
-                                                               regs)
+                            if block not in by_block:
+                                by_block[block] = reblock(packed, block)
+                            pk = by_block[block]
+
+                            def run(n_spl=n_spl, q=q, pk=pk, opts=opts):
+                                o, lse = kvquant_decode_triton(q, pk, n_spl, **opts)
                                 return merge_attention_partials(o, lse)
-                            run()
+                            got = run()[0].to(q.dtype)
+                            errs[key] = float((got.double() - truth).abs().max())
                             timings[key] = time_ms(run)
+                            moved[key] = pk.kernel_bytes(opts.get("key_sparse", "segments"),
+                                                         opts.get("value_sparse", "segments"),
+                                                         hq)
+                            if errs[key] > rep.bound:
+                                log(f"  {key}: max err {errs[key]:.3g} > bound {rep.bound:.3g}")
                         except Exception as err:  # a launch setting that does not compile
                             log(f"  {key}: {type(err).__name__}: {str(err)[:300]}")
+                        if time.time() - t_start > args.budget_s:
+                            log("  budget spent: remaining settings skipped")
+                            break
+                    del by_block, truth
                     if not timings:
                         log("  no launch setting ran")
                         continue
-                    best = min(timings, key=timings.get)
+                    ok_keys = [k for k in timings if errs[k] <= rep.bound] or list(timings)
+                    best = min(ok_keys, key=timings.get)
+                    nbytes = moved[best]
                     log(f"  best {best}: {timings[best]:.4f} ms (all: "
                         + ", ".join(f"{k} {v:.4f}" for k, v in timings.items()) + ")")
                     rows.append(result_row(
@@ -186,7 +228,10 @@ def main(argv=None):
                               f"max err {rep.max_err:.3g} (torch bf16 {rep.torch_max_err:.3g}) "
                               f"{'ok' if rep.passed else 'FAIL'}")))
                     rows[-1]["all_settings_ms"] = timings
-                    rows[-1]["correct"] = rep.passed
+                    rows[-1]["all_settings_max_err"] = errs
+                    rows[-1]["error_bound"] = rep.bound
+                    rows[-1]["correct"] = rep.passed and all(e <= rep.bound
+                                                             for e in errs.values())
                     del packed, q, out
                     write_results("kvquant_decode_h200", rows, device="cuda", out_dir=args.out,
                                   meta={"partial": True, "log": lines})

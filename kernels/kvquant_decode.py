@@ -48,6 +48,35 @@ latency-bound (~214 registers per thread, two blocks of four warps per multiproc
 of shared-memory round trips per tile; capping registers at 168 or 128 spilled and was slower),
 and the sparse corrections (histogram, prefix sums and gathers with barriers, per chunk of
 entries) about double the time. Not yet faster than SDPA.
+Launch variants (`kvquant_decode_triton` options; the default path is unchanged; exact against
+the reference in the interpreter tests; not yet timed on a GPU; benchmarks/bench_kvquant.py
+times them all next to the default):
+- key_sparse="prepass": a separate light kernel (one program per KV head and block) computes
+  the key outliers' score corrections in token space from per-token entry offsets written at
+  pack time (`block_csr(..., token_offsets=True)`: 2 bytes per token + one max count per block,
+  read only by this mode), into a (B*Hq, S) fp32 buffer the loop adds to its scores;
+- value_sparse="post": the loop stores its scores (B*Hq, S) fp32; a separate kernel adds each
+  value outlier, weighted by exp2(s - lse) of its token in its split, to that split's partial
+  output by fp32 atomic adds before the merge;
+- rotate_queries="prepass": a separate kernel writes the per-tile rotated queries
+  (B*Hq, n_blocks, D) in the math dtype, so the loop loads them instead of holding the fp32
+  query halves and rotating them per tile and warp;
+- tiles of 32 tokens: `workbench.kvquant.fused.reblock(packed, 32)` (the tile is the sparse
+  part's block).
+Why the separate passes: with the sparse part in the loop the tile loop holds inner loops
+(the entry chunks), and Triton's pipeliner then does not stage it (18 KB of shared memory
+instead of 31 KB, num_stages has no effect), besides the histogram/prefix-sum barriers.
+Local sm_90 SASS (Triton 3.9, ptxas from the triton package; nuq3-1%, D=128, 4 warps,
+3 stages; Llama-2 shape G=1 / Llama-3 shape G=4): registers, tile-loop instructions per token,
+barriers in the loop:
+    default (segments)               224 / 236 regs, 20.6 / 26.2 per token, 36 / 82 BAR
+    both sparse passes               220 / 220,      14.7 / 13.9,           10 / 14
+    passes + query pre-pass          192 / 236,      15.0 / 14.5,           10 / 11
+    passes + qrot, 32-token tiles    165 / 174,      18.8 / 18.5,           10 / 11 (3 / 2 blocks per SM)
+    same, maxnreg=168                157 / 167, no spills: 3 blocks per SM for both
+    no sparse: default 214 / 194, 13.9 / 13.4; qrot + 32-token tiles 157 / 165, 16.8 (3 blocks)
+The pre-pass kernels are small: key corrections 32 regs, ~60-70 instructions per entry slot
+of a block; value post 29-32 regs, 54 / 109 instructions per 128 entries.
 With float32 queries the math is float32 (fallback path), otherwise fp16 with fp32 softmax and
 accumulation; errors stay within the flash-attention rule of `kernels.testing`.
 
@@ -94,6 +123,9 @@ class PackedKV:
     inv_freq: torch.Tensor      # (D/2,) float32
     rope_scale: float = 1.0     # the rotary embedding's attention scaling (1 for plain RoPE)
     block: int = BLOCK_N
+    k_tok: torch.Tensor | None = None   # (B*H*n_blocks*block,) int16: start of each token's key
+                                        # entries relative to its block's (the key pre-pass)
+    k_tmax: torch.Tensor | None = None  # (B*H*n_blocks,) int32: most key entries of one token
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
@@ -102,23 +134,39 @@ class PackedKV:
         return b, h, s, nb * 8, bits
 
     def nbytes(self) -> int:
-        """Bytes of the packed tensors (inv_freq and tables included)."""
-        return sum(t.numel() * t.element_size() for t in self.__dict__.values()
-                   if isinstance(t, torch.Tensor))
+        """Bytes of the packed tensors (inv_freq and tables included; not the key pre-pass's
+        per-token offsets k_tok / k_tmax, which `kernel_bytes` counts where they are read)."""
+        return sum(t.numel() * t.element_size() for k, t in self.__dict__.items()
+                   if isinstance(t, torch.Tensor) and k not in ("k_tok", "k_tmax"))
 
-    def kernel_bytes(self) -> int:
+    def kernel_bytes(self, key_sparse: str = "segments", value_sparse: str = "segments",
+                     q_heads: int | None = None) -> int:
         """Bytes the kernel reads from memory at least once: the packed tensors and its cos/sin
         tables (in-tile: 2 x BLOCK_N x D/2 float32; per tile start: n_blocks x 2 x D/2 float32).
-        """
-        _, _, s, d, _ = self.shape
-        return self.nbytes() + (2 * self.block + 2 * triton_cdiv(s, self.block)) * d // 2 * 4
+        The per-token key offsets count only for key_sparse="prepass"; the fp32 buffers of the
+        separate passes (key score corrections written and read, scores written; `q_heads` rows
+        each) count for those modes."""
+        b, h, s, d, _ = self.shape
+        n = self.nbytes() + (2 * self.block + 2 * triton_cdiv(s, self.block)) * d // 2 * 4
+        if key_sparse == "prepass" and self.k_idx.numel():
+            n += sum(t.numel() * t.element_size() for t in (self.k_tok, self.k_tmax)
+                     if t is not None)
+        rows = b * (q_heads or h) * triton_cdiv(s, self.block) * self.block
+        if key_sparse == "prepass" and self.k_idx.numel():
+            n += 2 * rows * 4
+        if value_sparse == "post" and self.v_idx.numel():
+            n += rows * 4
+        return n
 
 
 def block_csr(index: torch.Tensor, delta: torch.Tensor, batch: int, heads: int, seq: int,
-              head_dim: int, block: int = BLOCK_N, by_channel: bool = False):
+              head_dim: int, block: int = BLOCK_N, by_channel: bool = False,
+              token_offsets: bool = False):
     """Token-major COO outliers (flat index ((s * B + b) * H + h) * D + d, as the cache holds
     them) -> (ptr, idx int16, val fp16) block-CSR per (batch, kv head) over blocks of `block`;
-    entries sorted by token within a block (by channel with `by_channel`)."""
+    entries sorted by token within a block (by channel with `by_channel`). token_offsets (by
+    token only): also (tok int16 (B*H*n_blocks*block,): start of each token's entries relative
+    to its block's, tmax int32 (B*H*n_blocks,): the most entries of one token in the block)."""
     if block * head_dim > 32767:
         raise WorkbenchError(f"block {block} x head_dim {head_dim} does not fit the int16 index.")
     idx = index.long()
@@ -133,7 +181,16 @@ def block_csr(index: torch.Tensor, delta: torch.Tensor, batch: int, heads: int, 
     counts = torch.bincount(blk, minlength=batch * heads * n_blocks)
     ptr = torch.zeros(batch * heads * n_blocks + 1, dtype=torch.int64, device=idx.device)
     ptr[1:] = torch.cumsum(counts, 0)
-    return ptr.to(torch.int32), ((s % block) * head_dim + d).to(torch.int16), val
+    out = ptr.to(torch.int32), ((s % block) * head_dim + d).to(torch.int16), val
+    if not token_offsets:
+        return out
+    if by_channel:
+        raise WorkbenchError("block_csr: token offsets need entries sorted by token.")
+    per_tok = torch.bincount(blk * block + s % block,
+                             minlength=batch * heads * n_blocks * block).view(-1, block)
+    start = torch.cumsum(per_tok, 1) - per_tok
+    return (*out, start.reshape(-1).to(torch.int16).contiguous(),
+            per_tok.amax(1).to(torch.int32).contiguous())
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -382,6 +439,102 @@ if HAS_TRITON:
         return corr
 
     @triton.jit
+    def _key_corr_kernel(kc_ptr, q_ptr, kptr_ptr, kidx_ptr, kval_ptr, ktok_ptr, kmax_ptr,
+                         rtab_ptr, ttab_ptr, G, n_blocks, SP, D: tl.constexpr,
+                         BLOCK_N: tl.constexpr, GS: tl.constexpr):
+        # key pre-pass, one program per (batch x kv head, block): the score corrections
+        # (G, BLOCK_N) of the block's key outliers, in token space (the per-token entry offsets
+        # of block_csr(..., token_offsets=True): no histogram, no shared memory), written to
+        # kc (B*Hq, SP) fp32 for the dense loop; an outlier delta at pre-RoPE channel d of
+        # token p0 + t adds delta * (q . R(p0 + t) e_d)
+        HALF: tl.constexpr = D // 2
+        bh = tl.program_id(0)
+        blk = tl.program_id(1)
+        blk_flat = bh * n_blocks + blk
+        e0 = tl.load(kptr_ptr + blk_flat)
+        e1 = tl.load(kptr_ptr + blk_flat + 1)
+        nmax = tl.load(kmax_ptr + blk_flat)
+        n_local = tl.arange(0, BLOCK_N)
+        tb = blk_flat.to(tl.int64) * BLOCK_N
+        start = tl.load(ktok_ptr + tb + n_local).to(tl.int32)
+        last = n_local + 1 >= BLOCK_N
+        end = tl.where(last, e1 - e0, tl.load(ktok_ptr + tb + n_local + 1, mask=~last,
+                                              other=0).to(tl.int32))
+        rows = tl.arange(0, GS)
+        qrow = (bh * G + tl.minimum(rows, G - 1)).to(tl.int64)[:, None]
+        corr = tl.zeros([GS, BLOCK_N], dtype=tl.float32)
+        for j in range(0, nmax):
+            ok = start + j < end
+            e = e0 + start + j
+            idx = tl.load(kidx_ptr + e, mask=ok, other=0).to(tl.int32)
+            val = tl.load(kval_ptr + e, mask=ok, other=0.0).to(tl.float32)
+            d_e = idx % D
+            i_e = d_e % HALF
+            up = (d_e >= HALF)[None, :]
+            cb = tl.load(ttab_ptr + blk * D + i_e)
+            sb = tl.load(ttab_ptr + blk * D + HALF + i_e)
+            ct = tl.load(rtab_ptr + n_local * HALF + i_e)
+            st = tl.load(rtab_ptr + (BLOCK_N + n_local) * HALF + i_e)
+            c = (cb * ct - sb * st)[None, :]
+            sn = (sb * ct + cb * st)[None, :]
+            qa = tl.load(q_ptr + qrow * D + i_e[None, :]).to(tl.float32)
+            qb = tl.load(q_ptr + qrow * D + HALF + i_e[None, :]).to(tl.float32)
+            corr += val[None, :] * tl.where(up, qb * c - qa * sn, qa * c + qb * sn)
+        tl.store(kc_ptr + qrow * SP + blk * BLOCK_N + n_local[None, :], corr,
+                 mask=(rows < G)[:, None])
+
+    @triton.jit
+    def _value_post_kernel(o_ptr, lse_ptr, s_ptr, vptr_ptr, vidx_ptr, vval_ptr, G, n_blocks,
+                           n_splits, tiles_per_split, SP, D: tl.constexpr,
+                           BLOCK_N: tl.constexpr, GS: tl.constexpr, E_CHUNK: tl.constexpr):
+        # value post-pass, one program per (batch x kv head, split): each value outlier of the
+        # split weighted by its token's probability within the split, exp2(s - lse) from the
+        # scores the dense loop stored, added to the split's partial output by fp32 atomic
+        # adds (o is acc / l, so p / l is what it needs; ~G adds per entry)
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        rows = tl.arange(0, GS)
+        g_ok = rows < G
+        qrow = (bh * G + tl.minimum(rows, G - 1)).to(tl.int64)
+        out_row = qrow * n_splits + split
+        lse2 = tl.load(lse_ptr + out_row) * 1.4426950408889634
+        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+        blk_lo = split * tiles_per_split
+        blk_hi = tl.minimum(blk_lo + tiles_per_split, n_blocks)
+        for blk in range(blk_lo, blk_hi):
+            e0 = tl.load(vptr_ptr + bh * n_blocks + blk)
+            e1 = tl.load(vptr_ptr + bh * n_blocks + blk + 1)
+            for e in range(e0, e1, E_CHUNK):
+                offs_e = e + tl.arange(0, E_CHUNK)
+                e_ok = offs_e < e1
+                idx = tl.load(vidx_ptr + offs_e, mask=e_ok, other=0).to(tl.int32)
+                val = tl.load(vval_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
+                tok = blk * BLOCK_N + idx // D
+                ok = g_ok[:, None] & e_ok[None, :]
+                sv = tl.load(s_ptr + qrow[:, None] * SP + tok[None, :], mask=ok,
+                             other=float("-inf"))
+                w = tl.exp2(sv - lse2[:, None]) * val[None, :]            # (GS, E)
+                tl.atomic_add(o_ptr + out_row[:, None] * D + (idx % D)[None, :], w, mask=ok,
+                              sem="relaxed")
+
+    @triton.jit
+    def _qrot_kernel(qr_ptr, q_ptr, ttab_ptr, n_blocks, D: tl.constexpr, TB: tl.constexpr):
+        # query pre-pass, one program per (query row, TB tiles): the query rotated back by each
+        # tile's start, R(p0)^T q, in the dense loop's math dtype: (B*Hq, n_blocks, D)
+        HALF: tl.constexpr = D // 2
+        row = tl.program_id(0).to(tl.int64)
+        blk = tl.program_id(1) * TB + tl.arange(0, TB)
+        ok = (blk < n_blocks)[:, None]
+        lo = tl.arange(0, HALF)[None, :]
+        q1 = tl.load(q_ptr + row * D + lo).to(tl.float32)
+        q2 = tl.load(q_ptr + row * D + HALF + lo).to(tl.float32)
+        cb = tl.load(ttab_ptr + blk[:, None] * D + lo, mask=ok, other=0.0)
+        sb = tl.load(ttab_ptr + blk[:, None] * D + HALF + lo, mask=ok, other=0.0)
+        out = qr_ptr + row * n_blocks * D + blk[:, None] * D + lo
+        tl.store(out, (q1 * cb + q2 * sb).to(qr_ptr.dtype.element_ty), mask=ok)
+        tl.store(out + HALF, (q2 * cb - q1 * sb).to(qr_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
     def _kvq_decode_kernel(
         q_ptr, o_ptr, lse_ptr,                       # (B*Hq, D), (B*Hq, n_splits, D), (B*Hq, n_splits)
         kw_ptr, kz_ptr, ks_ptr, kt_ptr, kreg_ptr,    # key plane words (int32), zero, scale, levels
@@ -389,11 +542,20 @@ if HAS_TRITON:
         kptr_ptr, kidx_ptr, kval_ptr,                # key sparse block-CSR
         vptr_ptr, vidx_ptr, vval_ptr,                # value sparse block-CSR
         rtab_ptr, ttab_ptr,                          # cos/sin(t f) (2, BLOCK_N, D/2); cos/sin(p0 f) (n_blocks, 2, D/2)
-        S, H, G, n_blocks, n_splits, tiles_per_split, qk_scale,
+        kc_ptr, s_ptr,                               # (B*Hq, SP) fp32: key score corrections in, scores out
+        qr_ptr,                                      # (B*Hq, n_blocks, D): rotated queries (QROT)
+        S, H, G, n_blocks, n_splits, tiles_per_split, qk_scale, SP,
         BITS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
         GS: tl.constexpr, E_CHUNK: tl.constexpr, HAS_KS: tl.constexpr, HAS_VS: tl.constexpr,
-        HALF_MATH: tl.constexpr, USE_ASM: tl.constexpr,
+        HALF_MATH: tl.constexpr, USE_ASM: tl.constexpr, KS_MODE: tl.constexpr = 0,
+        VS_MODE: tl.constexpr = 0, QROT: tl.constexpr = 0,
     ):
+        # KS_MODE 0: key outliers by segment sums in the loop; 1: their score corrections
+        # precomputed by _key_corr_kernel, loaded per tile. VS_MODE 0: value outliers by
+        # segment sums in the loop; 1: the loop stores its scores for _value_post_kernel.
+        # Modes 1 keep the dense loop free of inner loops (the pipeliner then stages it).
+        # QROT 1: the per-tile rotated queries come from _qrot_kernel (loaded, not computed:
+        # no fp32 query halves and cos/sin in the dot operand layout across the loop).
         # HALF_MATH: dequantization, RoPE and the tensor-core operands in fp16 (16-bit queries;
         # bf16 queries are converted: keys, values and probabilities fit fp16's range, and it
         # has 3 more mantissa bits); else float32 throughout. Softmax and accumulation: fp32.
@@ -432,11 +594,24 @@ if HAS_TRITON:
             offs_n = blk * BLOCK_N + n_local
             n_ok = offs_n < S
             # the query rotated back by the tile start: q . R(p0 + t) k = (R(p0)^T q) . R(t) k
-            lo_ok = blk * D + lo < n_blocks * D
-            cb = tl.load(ttab_ptr + blk * D + lo, mask=lo_ok, other=0.0)[None, :]
-            sb = tl.load(ttab_ptr + blk * D + hi, mask=lo_ok, other=0.0)[None, :]
-            qa = _rows(q1 * cb + q2 * sb, GS, BLOCK_G).to(MATH)
-            qb = _rows(q2 * cb - q1 * sb, GS, BLOCK_G).to(MATH)
+            if QROT:
+                qrb = qr_ptr + (bh * G).to(tl.int64) * n_blocks * D + blk * D
+                qr_ok = blk * D + lo < n_blocks * D
+                if GS == 1:
+                    qa = tl.broadcast_to(tl.load(qrb + lo, mask=qr_ok, other=0.0)[None, :],
+                                         [BLOCK_G, HALF])
+                    qb = tl.broadcast_to(tl.load(qrb + hi, mask=qr_ok, other=0.0)[None, :],
+                                         [BLOCK_G, HALF])
+                else:
+                    qro = tl.minimum(tl.arange(0, BLOCK_G) % GS, G - 1)[:, None] * (n_blocks * D)
+                    qa = tl.load(qrb + qro + lo[None, :], mask=qr_ok[None, :], other=0.0)
+                    qb = tl.load(qrb + qro + hi[None, :], mask=qr_ok[None, :], other=0.0)
+            else:
+                lo_ok = blk * D + lo < n_blocks * D
+                cb = tl.load(ttab_ptr + blk * D + lo, mask=lo_ok, other=0.0)[None, :]
+                sb = tl.load(ttab_ptr + blk * D + hi, mask=lo_ok, other=0.0)[None, :]
+                qa = _rows(q1 * cb + q2 * sb, GS, BLOCK_G).to(MATH)
+                qb = _rows(q2 * cb - q1 * sb, GS, BLOCK_G).to(MATH)
             row_w = (bh.to(tl.int64) * S + offs_n) * (BITS * NG)        # word offset of planes
             # keys: codes -> levels -> per-channel scale/zero -> RoPE by the in-tile offset
             k1, k2 = _decode(kw_ptr, row_w, n_ok, kt_ptr, kreg_ptr, BITS, NG, BLOCK_N, MATH,
@@ -447,11 +622,26 @@ if HAS_TRITON:
             kr2 = k2 * ct + k1 * st
             s = tl.dot(qa, tl.trans(kr1), input_precision=PREC)
             s = tl.dot(qb, tl.trans(kr2), s, input_precision=PREC)   # (BLOCK_G, BLOCK_N)
-            if HAS_KS:
+            if HAS_KS and KS_MODE == 1:
+                if GS == 1:
+                    s += tl.load(kc_ptr + (bh * G).to(tl.int64) * SP + offs_n, mask=n_ok,
+                                 other=0.0)[None, :]
+                else:
+                    kr = tl.minimum(tl.arange(0, GS), G - 1)
+                    s += _rows(tl.load(kc_ptr + (bh * G).to(tl.int64) * SP + kr[:, None] * SP
+                                       + offs_n[None, :], mask=n_ok[None, :], other=0.0),
+                               GS, BLOCK_G)
+            if HAS_KS and KS_MODE == 0:
                 s += _rows(_key_sparse(kptr_ptr, kidx_ptr, kval_ptr, blk_flat, blk, blk_ok,
                                        q_ptr, bh * G, G, rtab_ptr, ttab_ptr, D, BLOCK_N, GS,
                                        E_CHUNK), GS, BLOCK_G)
             s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
+            if HAS_VS and VS_MODE == 1:
+                # rows repeat with period GS: store one copy of the G query rows
+                s_g = tl.max(tl.reshape(s, [BLOCK_G // GS, GS, BLOCK_N]), axis=0)
+                sr = tl.arange(0, GS)
+                tl.store(s_ptr + (bh * G).to(tl.int64) * SP + sr[:, None] * SP
+                         + offs_n[None, :], s_g, mask=(sr < G)[:, None] & n_ok[None, :])
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
@@ -468,7 +658,7 @@ if HAS_TRITON:
             pc = p.to(MATH)
             acc1 = tl.dot(pc, v1, acc1 * alpha[:, None], input_precision=PREC)
             acc2 = tl.dot(pc, v2, acc2 * alpha[:, None], input_precision=PREC)
-            if HAS_VS:
+            if HAS_VS and VS_MODE == 0:
                 cv = _value_sparse(p, vptr_ptr, vidx_ptr, vval_ptr, blk_flat, blk_ok, D,
                                    BLOCK_G, GS, E_CHUNK)                 # (GS, D)
                 cv1, cv2 = tl.split(tl.permute(tl.reshape(cv, [GS, 2, HALF]), (0, 2, 1)))
@@ -490,7 +680,7 @@ if HAS_TRITON:
         tl.store(lse_ptr + out_row, lse, mask=g_ok)
 
 else:
-    _kvq_decode_kernel = None
+    _kvq_decode_kernel = _key_corr_kernel = _value_post_kernel = _qrot_kernel = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -549,10 +739,11 @@ _MIN_PROGRAMS = 1056      # about eight programs per multiprocessor on an H200 (
                           # Llama-2 shape at 128K ran in 0.82 ms with 34 splits vs 0.95 with 17
 
 
-def choose_splits(batch_heads: int, seq: int, interpreted: bool = False) -> int:
+def choose_splits(batch_heads: int, seq: int, interpreted: bool = False,
+                  block: int = BLOCK_N) -> int:
     """Splits of the token axis so that the grid fills the GPU (one in the interpreter unless
     the sequence is long)."""
-    tiles = triton_cdiv(seq, BLOCK_N)
+    tiles = triton_cdiv(seq, block)
     if interpreted:
         return min(tiles, 2)
     want = max(1, triton_cdiv(_MIN_PROGRAMS, batch_heads))
@@ -561,20 +752,31 @@ def choose_splits(batch_heads: int, seq: int, interpreted: bool = False) -> int:
 
 def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = None,
                           num_warps: int = 4, num_stages: int = 3, use_asm: bool | None = None,
-                          e_chunk: int = 128, max_registers: int | None = None):
+                          e_chunk: int = 128, max_registers: int | None = None,
+                          key_sparse: str = "segments", value_sparse: str = "segments",
+                          rotate_queries: str = "loop"):
     """Launch the kernel: q (B, Hq, D) -> partial outputs (B, Hq, n_splits, D) float32 and
     lses (B, Hq, n_splits) float32 (natural log). use_asm: levels by PTX byte permutes (default
     on a GPU for 2- and 3-bit codes and 16-bit queries) or by the plain-Triton fallback.
     max_registers: cap on registers per thread (ptxas spills above it; the kernel uses ~214 at
     4 warps, which allows two blocks per multiprocessor: a lower cap trades spills for
-    occupancy, not yet measured)."""
+    occupancy, not yet measured).
+    key_sparse: "segments" (in the loop, the default) or "prepass" (a separate kernel writes
+    the key outliers' score corrections, (B*Hq, S) fp32, from the per-token entry offsets of
+    `block_csr(..., token_offsets=True)`; the loop adds them). value_sparse: "segments" or
+    "post" (the loop stores its scores, (B*Hq, S) fp32; a separate kernel adds the value
+    outliers to the partial outputs). The separate passes keep the dense loop free of inner
+    loops and barriers for the sparse part. rotate_queries: "loop" (each tile rotates the
+    query by its start, the default) or "prepass" (a separate kernel writes the rotated
+    queries, (B*Hq, n_blocks, D) in the math dtype; the loop loads them). Not yet timed on a
+    GPU."""
     b, h, s, d, bits = p.shape
     hq = q.shape[1]
     g = hq // h
     n_blocks = triton_cdiv(s, p.block)
     interpreted = is_interpreted(_kvq_decode_kernel)
     if n_splits is None:
-        n_splits = choose_splits(b * h, s, interpreted)
+        n_splits = choose_splits(b * h, s, interpreted, p.block)
     tiles_per_split = triton_cdiv(n_blocks, n_splits)
     n_splits = triton_cdiv(n_blocks, tiles_per_split)
     half_math = q.dtype != torch.float32
@@ -586,6 +788,37 @@ def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = N
     o = torch.empty(b, hq, n_splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, n_splits, dtype=torch.float32, device=q.device)
     has_ks, has_vs = p.k_idx.numel() > 0, p.v_idx.numel() > 0
+    if key_sparse not in ("segments", "prepass") or value_sparse not in ("segments", "post"):
+        raise WorkbenchError(f"key_sparse must be 'segments' or 'prepass' and value_sparse "
+                             f"'segments' or 'post', got {key_sparse!r}, {value_sparse!r}.")
+    ks_mode = int(key_sparse == "prepass" and has_ks)
+    vs_mode = int(value_sparse == "post" and has_vs)
+    if ks_mode and (p.k_tok is None or p.k_tmax is None):
+        raise WorkbenchError("key_sparse='prepass' needs the per-token key offsets "
+                             "(PackedKV.k_tok / k_tmax, from block_csr(..., token_offsets=True)).")
+    sp = n_blocks * p.block
+    dummy_f = torch.zeros(1, dtype=torch.float32, device=q.device)
+    rtab = rope_table(p.inv_freq, p.block)
+    ttab = tile_table(p.inv_freq, p.block, n_blocks)
+    qc = q.contiguous()
+    kc = dummy_f
+    if ks_mode:
+        kc = torch.empty(b * hq, sp, dtype=torch.float32, device=q.device)
+        _key_corr_kernel[(b * h, n_blocks)](
+            kc, qc, p.k_ptr, p.k_idx, p.k_val, p.k_tok, p.k_tmax, rtab, ttab, g, n_blocks, sp,
+            D=d, BLOCK_N=p.block, GS=triton.next_power_of_2(g), num_warps=4)
+    s_buf = torch.empty(b * hq, sp, dtype=torch.float32, device=q.device) if vs_mode \
+        else dummy_f
+    if rotate_queries not in ("loop", "prepass"):
+        raise WorkbenchError(f"rotate_queries must be 'loop' or 'prepass', got "
+                             f"{rotate_queries!r}.")
+    qrot = rotate_queries == "prepass"
+    qr = dummy_f
+    if qrot:
+        qr = torch.empty(b * hq, n_blocks, d, device=q.device,
+                         dtype=torch.float16 if half_math else torch.float32)
+        _qrot_kernel[(b * hq, triton_cdiv(n_blocks, 16))](qr, qc, ttab, n_blocks, D=d, TB=16,
+                                                          num_warps=4)
     dummy_i = torch.zeros(1, dtype=torch.int16, device=q.device)
     dummy_v = torch.zeros(1, dtype=torch.float16, device=q.device)
     kt16, kregs = level_tables(p.k_table)
@@ -593,20 +826,26 @@ def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = N
     qk_scale = float(p.rope_scale) / math.sqrt(d) * 1.4426950408889634
     gs = triton.next_power_of_2(g)
     _kvq_decode_kernel[(b * h, n_splits)](
-        q.contiguous(), o, lse,
+        qc, o, lse,
         p.k_planes.view(torch.int32), p.k_zero, p.k_scale,
         kt16 if half_math else p.k_table, kregs,
         p.v_planes.view(torch.int32), p.v_zero, p.v_scale,
         vt16 if half_math else p.v_table, vregs,
         p.k_ptr, p.k_idx if has_ks else dummy_i, p.k_val if has_ks else dummy_v,
         p.v_ptr, p.v_idx if has_vs else dummy_i, p.v_val if has_vs else dummy_v,
-        rope_table(p.inv_freq, p.block), tile_table(p.inv_freq, p.block, n_blocks),
-        s, h, g, n_blocks, n_splits, tiles_per_split, qk_scale,
+        rtab, ttab, kc, s_buf, qr,
+        s, h, g, n_blocks, n_splits, tiles_per_split, qk_scale, sp,
         BITS=bits, D=d, BLOCK_N=p.block, BLOCK_G=max(16, gs), GS=gs, E_CHUNK=e_chunk,
         HAS_KS=has_ks, HAS_VS=has_vs, HALF_MATH=half_math, USE_ASM=bool(use_asm),
         num_warps=num_warps, num_stages=num_stages,
+        **({"KS_MODE": 1} if ks_mode else {}), **({"VS_MODE": 1} if vs_mode else {}),
+        **({"QROT": 1} if qrot else {}),
         **({"maxnreg": int(max_registers)} if max_registers and not interpreted else {}),
     )
+    if vs_mode:
+        _value_post_kernel[(b * h, n_splits)](
+            o, lse, s_buf, p.v_ptr, p.v_idx, p.v_val, g, n_blocks, n_splits, tiles_per_split,
+            sp, D=d, BLOCK_N=p.block, GS=gs, E_CHUNK=e_chunk, num_warps=4)
     return o, lse
 
 
@@ -620,23 +859,25 @@ def _check(q: torch.Tensor, p: PackedKV) -> None:
                              f"32 to 256, got {d}.")
     if s == 0:
         raise WorkbenchError("kvquant_decode_attention: the cache is empty.")
-    if p.block != BLOCK_N:
+    if p.block not in (32, BLOCK_N):
         raise WorkbenchError(f"kvquant_decode_attention: the sparse part must use blocks of "
-                             f"{BLOCK_N} tokens (block_csr(..., block={BLOCK_N})).")
+                             f"32 or {BLOCK_N} tokens (block_csr(..., block={BLOCK_N})); the "
+                             f"block is the kernel's tile.")
 
 
 def kvquant_decode_attention(q: torch.Tensor, packed: PackedKV, backend: str = "auto",
-                             n_splits: int | None = None) -> torch.Tensor:
+                             n_splits: int | None = None, **launch) -> torch.Tensor:
     """Attention of one query token per sequence over a packed KVQuant cache.
 
     q: (B, Hq, D) post-RoPE queries, Hq a multiple of the cache's kv heads (GQA); float16,
     bfloat16 or float32. Returns (B, Hq, D) in q.dtype. backend: "auto" | "triton" | "torch".
+    launch: further options of `kvquant_decode_triton` (key_sparse, value_sparse, ...).
     """
     _check(q, packed)
     which = pick_backend(backend, (q, packed.k_planes), _kvq_decode_kernel,
                          op="kvquant_decode_attention", supported_dtypes=SUPPORTED_DTYPES)
     if which == "torch":
         return kvquant_decode_reference(q, packed)
-    o, lse = kvquant_decode_triton(q, packed, n_splits)
+    o, lse = kvquant_decode_triton(q, packed, n_splits, **launch)
     merged, _ = merge_attention_partials(o, lse, backend="auto")
     return merged.to(q.dtype)

@@ -49,6 +49,58 @@ def test_decode_kernel_matches_reference(kv_heads, group, seq, head_dim, bits, f
     torch.testing.assert_close(lse2, lse, rtol=1e-5, atol=1e-5)
 
 
+@needs_triton
+@pytest.mark.parametrize("kv_heads,group,seq,head_dim,frac,dtype,block", [
+    (2, 3, 150, 64, 0.03, torch.float16, 64),     # GQA, 3 tiles, 2 splits
+    (1, 1, 70, 32, 0.05, torch.bfloat16, 32),     # MHA, tiles of 32, a partial tile
+    (2, 2, 40, 32, 0.0, torch.float32, 32),       # no sparse part, float32 math
+])
+def test_decode_variants_match_reference(kv_heads, group, seq, head_dim, frac, dtype, block):
+    """The launch variants (sparse part in separate passes, queries rotated by a pre-pass,
+    tiles of 32 tokens) against the reference, and the separate passes against the default
+    launch's partials on the same tiles."""
+    from workbench.kvquant.fused import reblock
+
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    packed = random_layer(1, kv_heads, seq, head_dim, 3, frac, 1 if frac else 0,
+                          device=DEVICE, generator=gen)
+    if block != packed.block:
+        packed = reblock(packed, block)
+    q = torch.randn(1, kv_heads * group, head_dim, generator=gen).to(DEVICE, dtype)
+    o0, lse0 = kvquant_decode_triton(q, packed)
+    for opts in ({"key_sparse": "prepass"}, {"value_sparse": "post"},
+                 {"key_sparse": "prepass", "value_sparse": "post", "rotate_queries": "prepass"}):
+        out = kvquant_decode_attention(q, packed, backend="triton", **opts)
+        assert_matches_reference(None, kvquant_decode_reference, (q, packed),
+                                 kernel_out=(out,), context=f"{opts} (seed {seed})")
+        o, lse = kvquant_decode_triton(q, packed, **opts)
+        torch.testing.assert_close(lse, lse0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(o, o0, rtol=1e-3, atol=1e-3)
+    with pytest.raises(WorkbenchError, match="key_sparse"):
+        kvquant_decode_triton(q, packed, key_sparse="dense")
+
+
+def test_reblock_and_token_offsets():
+    """block_csr's per-token key offsets, and re-blocking the sparse part (same values)."""
+    from workbench.kvquant.fused import reblock
+
+    gen = torch.Generator().manual_seed(fresh_seed())
+    p = random_layer(1, 2, 100, 32, 3, 0.05, 1, generator=gen)
+    n_blocks = 2
+    for i in range(2 * n_blocks):
+        e0, e1 = int(p.k_ptr[i]), int(p.k_ptr[i + 1])
+        tok = p.k_idx[e0:e1].long() // 32
+        counts = torch.bincount(tok, minlength=64)
+        start = p.k_tok[i * 64:(i + 1) * 64].long()
+        assert torch.equal(start, torch.cumsum(counts, 0) - counts)
+        assert int(p.k_tmax[i]) == int(counts.max())
+    p32 = reblock(p, 32)
+    for a, b in zip(dequantize_packed(p), dequantize_packed(p32), strict=True):
+        torch.testing.assert_close(a, b)
+    assert p32.k_ptr.numel() == 2 * 4 + 1 and p32.k_tok.numel() == 2 * 4 * 32
+
+
 def test_code_layout_and_csr_order():
     """The packed layout's bit map (kernels.kvquant_layout) and the block-CSR entry order."""
     from kernels.kvquant_decode import block_csr

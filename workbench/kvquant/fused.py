@@ -22,22 +22,48 @@ from workbench.kvquant.quantize import LayerTables, Quantized, quantize
 
 
 def pack(qk: Quantized, qv: Quantized, tables: LayerTables, inv_freq: torch.Tensor,
-         rope_scale: float = 1.0) -> PackedKV:
-    """A `PackedKV` from quantized pre-RoPE keys (calibrated per-channel ranges) and values."""
+         rope_scale: float = 1.0, block: int = BLOCK_N) -> PackedKV:
+    """A `PackedKV` from quantized pre-RoPE keys (calibrated per-channel ranges) and values;
+    `block` tokens per block of the sparse part (the kernel's tile: 64, or 32)."""
     if qk.zero is not None or tables.key_lo is None:
         raise WorkbenchError("The fused kernel takes pre-RoPE keys with calibrated per-channel "
                              "ranges (KVQuant's nuq methods), not per-token or grouped keys.")
     b, h, s, d = qk.batch, qk.heads, qk.seq_len, qk.head_dim
     lo, hi = tables.key_lo.float(), tables.key_hi.float()
     dev = qk.codes.device
-    k_csr = block_csr(qk.outlier_index, qk.outlier_delta, b, h, s, d, BLOCK_N)
-    v_csr = block_csr(qv.outlier_index, qv.outlier_delta, b, h, s, d, BLOCK_N,
+    k_csr = block_csr(qk.outlier_index, qk.outlier_delta, b, h, s, d, block,
+                      token_offsets=True)
+    v_csr = block_csr(qv.outlier_index, qv.outlier_delta, b, h, s, d, block,
                       by_channel=True)
     return PackedKV(
         qk.codes, ((hi + lo) / 2).to(dev), ((hi - lo) / 2).clamp_min(1e-6).to(dev),
         tables.key_table.float().to(dev),
         qv.codes, qv.zero, qv.scale, tables.value_table.float().to(dev),
-        *k_csr, *v_csr, inv_freq.float().to(dev), float(rope_scale))
+        *k_csr[:3], *v_csr, inv_freq.float().to(dev), float(rope_scale), block,
+        k_tok=k_csr[3], k_tmax=k_csr[4])
+
+
+def _csr_to_flat(ptr, idx, val, p: PackedKV):
+    b, h, s, d, _ = p.shape
+    n_blocks = (s + p.block - 1) // p.block
+    counts = (ptr[1:] - ptr[:-1]).long()
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=idx.device), counts)
+    bh, blk = owner // n_blocks, owner % n_blocks
+    t = blk * p.block + idx.long() // d
+    return ((t * b + bh // h) * h + bh % h) * d + idx.long() % d, val
+
+
+def reblock(p: PackedKV, block: int) -> PackedKV:
+    """The same packed layer with its sparse part in blocks of `block` tokens (the kernel's
+    tile size follows the block)."""
+    import dataclasses
+    b, h, s, d, _ = p.shape
+    k = block_csr(*_csr_to_flat(p.k_ptr, p.k_idx, p.k_val, p), b, h, s, d, block,
+                  token_offsets=True)
+    v = block_csr(*_csr_to_flat(p.v_ptr, p.v_idx, p.v_val, p), b, h, s, d, block,
+                  by_channel=True)
+    return dataclasses.replace(p, k_ptr=k[0], k_idx=k[1], k_val=k[2], k_tok=k[3], k_tmax=k[4],
+                               v_ptr=v[0], v_idx=v[1], v_val=v[2], block=block)
 
 
 def pack_layer(layer) -> PackedKV:
@@ -52,7 +78,8 @@ def pack_layer(layer) -> PackedKV:
 
 def random_layer(batch: int, kv_heads: int, seq: int, head_dim: int, bits: int = 3,
                  outlier_fraction: float = 0.01, sink_tokens: int = 1, *, device="cpu",
-                 generator: torch.Generator | None = None, theta: float = 10000.0) -> PackedKV:
+                 generator: torch.Generator | None = None, theta: float = 10000.0,
+                 block: int = BLOCK_N) -> PackedKV:
     """A packed layer quantized from random keys/values with a few large channels (for kernel
     tests and timing only). Key ranges are the data's per-channel quantiles."""
     gen = generator or torch.Generator().manual_seed(0)
@@ -76,4 +103,4 @@ def random_layer(batch: int, kv_heads: int, seq: int, head_dim: int, bits: int =
     qk = quantize(k, spec, "k", tables)
     qv = quantize(v, spec, "v", tables)
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    return pack(qk, qv, tables, inv_freq.to(device))
+    return pack(qk, qv, tables, inv_freq.to(device), block=block)
