@@ -1,6 +1,7 @@
 """KVQuant library: levels, packing, quantizers, calibration files, the packed cache on the real
 embedded model and real text (accuracy), and clear errors for bad input."""
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -109,6 +110,15 @@ def test_method_names_and_errors():
     assert all(method(f"nuq{b}-1%").value_outliers == "token" for b in (2, 3, 4))
     with pytest.raises(WorkbenchError, match="value_outliers"):
         method("nuq3-1%", value_outliers="channel")
+    # the sparse budget split evenly between keys and values (the paper), or by key_outlier_share
+    spec = method("nuq3-1%")
+    assert spec.key_fraction == spec.value_fraction == 0.01
+    keys = replace(spec, key_outlier_share=0.75)
+    assert (keys.key_fraction, keys.value_fraction) == (0.015, 0.005)
+    assert method("nuq3").key_fraction == method("nuq3").value_fraction == 0.0
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(WorkbenchError, match="key_outlier_share"):
+            replace(spec, key_outlier_share=bad)
 
 
 def test_allocated_channel_ranges():
@@ -200,6 +210,7 @@ def test_model_value_tails():
     err = {}
     for name, spec_tails in (("model", [tuple(r) for r in tails.tolist()]), ("token", [None] * 2)):
         spec = method("kvquant", 3, levels="uniform", q_norm=False, sink_tokens=0,
+                      key_outlier_share=0.5,
                       value_outliers="fisher-model" if name == "model" else "token")
         total = 0.0
         for x, tl in zip((light, heavy), spec_tails, strict=True):
@@ -321,7 +332,7 @@ def test_calibrate_save_load(model_tok, tmp_path, text_ids):
     assert cal.tensors["k.pre.0.01.lo"].shape == (30, 3, 64)
     assert cal.tensors["k.pre.0.01a.hi"].shape == (30, 3, 64)          # Fisher-allocated
     assert cal.tensors["k.post.0.01m.lo"].shape == (30, 3, 64)         # one budget, all layers
-    assert int(cal.tensors["v.0.01m.tails"].sum()) == 30 * 2            # value budget, all layers
+    assert int(cal.tensors["v.0.01m.tails"].sum()) == round(0.01 * 3 * 64 * 30)  # 1% of values
     path = cal.save(tmp_path / "c.safetensors")
     again = Calibration.load(path, model)
     assert torch.equal(again.tensors["v.0.01.fisher"], cal.tensors["v.0.01.fisher"])
@@ -341,7 +352,7 @@ def test_bad_input_errors(model_tok, calib):
         KVQuantCache(model, "nuq3-1%", other)
     with pytest.raises(WorkbenchError, match="outlier fractions"):
         KVQuantCache(model, replace(method("nuq3-1%"), outlier_fraction=0.05), calib)
-    older = Calibration({k: v for k, v in calib.tensors.items() if ".0.01m." not in k},
+    older = Calibration({k: v for k, v in calib.tensors.items() if not re.search(r"\dm\.", k)},
                         calib.settings)                                  # before "fisher-model"
     with pytest.raises(WorkbenchError, match="key_outliers='fisher-model'.*recalibrate"):
         KVQuantCache(model, "nuq3-1%", older)
@@ -349,10 +360,13 @@ def test_bad_input_errors(model_tok, calib):
     with pytest.raises(WorkbenchError, match="value_outliers='fisher-model'.*recalibrate"):
         KVQuantCache(model, method("nuq3-1%", key_outliers="fisher",
                                    value_outliers="fisher-model"), older)
-    # the shipped file has the value allocation: tails per layer, one total budget
+    with pytest.raises(WorkbenchError, match="keeps 0.015 of the keys.*key_outlier_share"):
+        KVQuantCache(model, method("nuq3-1%", key_outlier_share=0.75), calib)  # file has 0, 1%
+    # the shipped file has the value allocation: tails per layer, one total budget for the
+    # model (1% of a token's value elements over all layers)
     tables = calib.tables(1, method("nuq3-1%", value_outliers="fisher-model"))
     assert tables.value_tails is not None and calib.tables(1, method("nuq3-1%")).value_tails is None
-    assert int(calib.tensors["v.0.01m.tails"].sum()) == 2 * calib.layers
+    assert int(calib.tensors["v.0.01m.tails"].sum()) == round(0.01 * 3 * 64 * calib.layers)
     # the checksum's last digits depend on the thread count; other shapes still refuse
     near = {**calib.settings["model"]}
     near["k_proj_checksum"] += 1e-3

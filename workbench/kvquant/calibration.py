@@ -13,8 +13,8 @@ What is measured, per layer (forward + backward passes of the real model, weight
   fraction > 0, ranges whose outlier budget is shared across the layer's channels by Fisher
   information (`allocated_channel_ranges`, variant suffix "a"), and ranges whose one budget is
   shared across every layer's channels (variant suffix "m": sensitive layers get more).
-- per-layer value outlier counts (smallest, largest per token) whose sum over layers equals the
-  paper's f/2 per tail in every layer, chosen to minimise the Fisher-weighted 3-bit rounding
+- per-layer value outlier counts (smallest, largest per token) whose sum over layers is f of a
+  token's value elements over all layers, chosen to minimise the Fisher-weighted 3-bit rounding
   error of the values (`model_value_tails`, variant "v.<f>m", used by value_outliers=
   "fisher-model"), with that variant's level histograms.
 - histograms (n_bins over [-1, 1]) of the normalized inlier values, as counts and as summed
@@ -76,16 +76,18 @@ class Calibration:
     def layers(self) -> int:
         return int(self.settings["model"]["layers"])
 
-    def _fraction(self, spec: QuantSpec) -> str:
-        if not any(abs(spec.outlier_fraction - f) < 1e-12 for f in self.fractions):
+    def _fraction(self, fraction: float, what: str) -> str:
+        if not any(abs(fraction - f) < 1e-9 for f in self.fractions):
             raise WorkbenchError(
-                f"This calibration was made for outlier fractions {self.fractions}, not "
-                f"{spec.outlier_fraction}: recalibrate with outlier_fractions including it.")
-        return _fkey(spec.outlier_fraction)
+                f"This calibration was made for outlier fractions {self.fractions}; the method "
+                f"keeps {fraction:g} of the {what} (outlier_fraction and key_outlier_share): "
+                "recalibrate with outlier_fractions including it.")
+        return _fkey(fraction)
 
     def key_variant(self, spec: QuantSpec) -> str:
-        alloc = KEY_OUTLIER_SUFFIX[spec.key_outliers] if spec.outlier_fraction > 0 else ""
-        var = f"k.{'pre' if spec.pre_rope else 'post'}.{self._fraction(spec)}{alloc}"
+        alloc = KEY_OUTLIER_SUFFIX[spec.key_outliers] if spec.key_fraction > 0 else ""
+        frac = self._fraction(spec.key_fraction, "keys")
+        var = f"k.{'pre' if spec.pre_rope else 'post'}.{frac}{alloc}"
         if f"{var}.lo" not in self.tensors:
             raise WorkbenchError(f"This calibration file has no key outlier ranges for "
                                  f"key_outliers={spec.key_outliers!r} (it was made by an older "
@@ -94,8 +96,8 @@ class Calibration:
         return var
 
     def value_variant(self, spec: QuantSpec) -> str:
-        alloc = "m" if spec.value_outliers == "fisher-model" and spec.outlier_fraction > 0 else ""
-        var = f"v.{self._fraction(spec)}{alloc}"
+        alloc = "m" if spec.value_outliers == "fisher-model" and spec.value_fraction > 0 else ""
+        var = f"v.{self._fraction(spec.value_fraction, 'values')}{alloc}"
         if alloc and f"{var}.tails" not in self.tensors:
             raise WorkbenchError("This calibration file has no value outlier allocation for "
                                  "value_outliers='fisher-model' (it was made by an older "
@@ -423,9 +425,9 @@ def allocate_value_tails(costs: list[torch.Tensor], budget: int) -> torch.Tensor
 
 def model_value_tails(acts: list[dict], fractions, n_bins: int, max_tail: int | None = None
                       ) -> dict:
-    """Per-token value outliers whose budget (the same total as f/2 per tail in every layer) is
-    shared across layers by Fisher information (variant "v.<f>m"): per layer, tails (2,) and
-    histograms like `calibrate_layer`'s."""
+    """Per-token value outliers whose budget (f of a token's value elements over all layers,
+    rounded once for the model, not per layer) is shared across layers by Fisher information
+    (variant "v.<f>m"): per layer, tails (2,) and histograms like `calibrate_layer`'s."""
     res: dict = {}
     h, d = acts[0]["v"].shape[2:]
     for f in [fr for fr in fractions if fr > 0]:
@@ -435,7 +437,7 @@ def model_value_tails(acts: list[dict], fractions, n_bins: int, max_tail: int | 
         for a in acts:
             vb = a["v"][:, 1:].float().reshape(-1, h, d)
             costs.append(value_tail_costs(vb, a["gv"][:, 1:].float().pow(2).reshape(-1, h, d), top))
-        tails = allocate_value_tails(costs, 2 * k * len(acts))
+        tails = allocate_value_tails(costs, max(1, round(f * h * d * len(acts))))
         var = f"v.{_fkey(f)}m"
         per = []
         for i, a in enumerate(acts):

@@ -24,6 +24,11 @@ Value outliers are per token: the f/2 * H * D largest and smallest of every toke
 that their sum over layers is the same but the Fisher-weighted rounding error of `v_proj`'s
 outputs is least (`"fisher-model"`: sensitive, heavy-tailed layers get more; not the default, as
 on held-out windows it lowered KL to fp16 at 2 and 3 bits but raised it at 4).
+`key_outlier_share` splits the sparse budget between keys and values: keys keep 2 * f * share of
+their elements, values 2 * f * (1 - share) (0.5, the paper's even split, is the default; other
+shares need a calibration with those fractions, e.g. `calibrate(..., outlier_fractions=(0, 0.005,
+0.01, 0.015))` for 0.75; per-token value tails round per layer, so use value_outliers=
+"fisher-model" to keep the value side's budget exact).
 The first `sink_tokens` positions are kept exactly.
 """
 
@@ -58,6 +63,8 @@ class QuantSpec:
     #                                     budget per layer) | "fisher-model" (one for all layers)
     value_outliers: str = "token"      # "token" (f/2 per tail of every token, every layer) |
     #                                    "fisher-model" (per-layer tails from one model budget)
+    key_outlier_share: float = 0.5     # share of the sparse budget spent on keys: keys keep
+    #                                    2*f*share of their elements, values 2*f*(1 - share)
 
     def __post_init__(self):
         if self.bits is None:
@@ -79,8 +86,21 @@ class QuantSpec:
         if self.value_outliers not in VALUE_OUTLIERS:
             raise WorkbenchError(f"value_outliers must be one of {VALUE_OUTLIERS}, not "
                                  f"{self.value_outliers!r}.")
+        if not 0.0 < self.key_outlier_share < 1.0:
+            raise WorkbenchError(f"key_outlier_share must be in (0, 1), got "
+                                 f"{self.key_outlier_share}.")
         if self.sink_tokens < 0 or self.key_group < 1:
             raise WorkbenchError("sink_tokens must be >= 0 and key_group >= 1.")
+
+    @property
+    def key_fraction(self) -> float:
+        """Fraction of the key elements kept as sparse outliers (f at the paper's even split)."""
+        return round(2 * self.outlier_fraction * self.key_outlier_share, 9)
+
+    @property
+    def value_fraction(self) -> float:
+        """Fraction of the value elements kept as sparse outliers."""
+        return round(2 * self.outlier_fraction * (1 - self.key_outlier_share), 9)
 
     @property
     def is_fp16(self) -> bool:
@@ -126,6 +146,9 @@ def method(name: str, bits: int | None = None, **changes) -> QuantSpec:
         # One Fisher-allocated key outlier budget for the whole model at every width: on
         # held-out windows (Python docs 40/50/60/70, ShareGPT 1024-token windows 30/33/36/39;
         # neither evaluation nor calibration text) it gave the lowest KL to fp16 at 2, 3 and 4 bits.
+        # Keys carry ~60% of that KL at 3 and 4 bits, but moving sparse budget from values to
+        # keys at the same bytes (key_outlier_share=0.75 with model-wide value outliers) did not
+        # lower it (3 bits 0.0464 vs 0.0464, 4 bits 0.0111 vs 0.0109): the paper's even split.
         spec = QuantSpec(name="", bits=bits)
     elif key == "kivi":
         spec = QuantSpec(name=f"KIVI-like {bits}b", bits=bits, key_ranges="online", pre_rope=False,

@@ -153,7 +153,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, kind: str, tables: LayerTables,
     """
     b, h, n, d = x.shape
     x = x.float()
-    frac = spec.outlier_fraction
+    frac = spec.key_fraction if kind == "k" else spec.value_fraction
     if kind == "k" and spec.key_axis == "channel" and spec.key_ranges == "calibrated":
         if tables.key_lo is None:
             raise WorkbenchError("Calibrated per-channel keys need key ranges from a calibration "
