@@ -86,6 +86,21 @@ def sparse_attention_reference(q, k, v, indices, counts, block_size, scaling, ca
 if HAS_TRITON:
 
     @triton.jit
+    def _store_rows(o_ptr, lse_ptr, acc, l_i, m_i, b, hq, t, split, d, row_ok, d_ok,
+                    so_b, so_h, so_t, so_s, sl_b, sl_h, sl_t):
+        # one split's normalized output rows (rows, D) and their log-sum-exp (natural log;
+        # -inf for a row that saw no key) at query heads hq, user positions t
+        has = l_i > 0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tq = t.to(tl.int64)
+        tl.store(o_ptr + b * so_b + hq[:, None] * so_h + tq[:, None] * so_t + split * so_s
+                 + d[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + b * sl_b + hq * sl_h + tq * sl_t + split, lse, mask=row_ok)
+
+    @triton.jit
     def _sparse_attention_kernel(
         q_ptr, k_ptr, v_ptr, idx_ptr, cnt_ptr, o_ptr, lse_ptr,
         q_len, group, bs, n_blocks, kv_heads, head_dim, split_len, qk_scale, causal_start,
@@ -180,18 +195,11 @@ if HAS_TRITON:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m_i = m_new
-        has = l_i > 0
-        o = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
-        tq = t.to(tl.int64)
-        tl.store(o_ptr + b * so_b + hq[:, None] * so_h + tq[:, None] * so_t + split * so_s
-                 + d[None, :], o.to(o_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(lse_ptr + b * sl_b + hq * sl_h + tq * sl_t + split, lse, mask=row_ok)
+        _store_rows(o_ptr, lse_ptr, acc, l_i, m_i, b, hq, t, split, d, row_ok, d_ok,
+                    so_b, so_h, so_t, so_s, sl_b, sl_h, sl_t)
 
 else:
-    _sparse_attention_kernel = None
+    _sparse_attention_kernel = _store_rows = None
 
 
 def _next_pow2(x: int) -> int:

@@ -49,7 +49,7 @@ import torch
 
 from kernels.dispatch import HAS_TRITON, is_interpreted, pick_backend, tl, triton
 from kernels.lse_merge import merge_attention_partials
-from kernels.squeezed_attention import chunked_to_flat, sparse_attention_reference
+from kernels.squeezed_attention import _store_rows, chunked_to_flat, sparse_attention_reference
 from kernels.squeezed_lookup import (
     SUPPORTED_DTYPES,
     _fp32_dot,
@@ -290,15 +290,8 @@ if HAS_TRITON:
                          mask=ok[:, None] & d_ok[None, :], other=0.0)
             vis = ok[None, :] & (pos[None, :] <= causal_start + t[:, None])
             m_i, l_i, acc = _attend_tile(q, kt, vt, vis, m_i, l_i, acc, qk_scale, FP32_DOT)
-        has = l_i > 0
-        o = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
-        tq = t.to(tl.int64)
-        tl.store(o_ptr + b * so_b + hq[:, None] * so_h + tq[:, None] * so_t + split * so_s
-                 + d[None, :], o.to(o_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(lse_ptr + b * sl_b + hq * sl_h + tq * sl_t + split, lse, mask=row_ok)
+        _store_rows(o_ptr, lse_ptr, acc, l_i, m_i, b, hq, t, split, d, row_ok, d_ok,
+                    so_b, so_h, so_t, so_s, sl_b, sl_h, sl_t)
 
 else:
     _prefill_keep_kernel = _pack_chunks_kernel = None
