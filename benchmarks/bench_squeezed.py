@@ -32,6 +32,10 @@ Variants per case:
                       its own launch (`select_chunks`) for prefill.
   squeezed (fused, chunk C)  fused, C context positions per split (default: ~512 programs).
   squeezed (cfg)      with --tune: the default path at other attention launch settings.
+  squeezed [variant]  decode, largest context, 1/8 (--quick too; --no-variants skips them):
+                      DECODE_VARIANTS, launch variants of the attention and of the lookup
+                      (L2 prefetch ahead, deeper pipelines, 2-launch lookup); `sparse attn
+                      only [variant]` the attention-side ones on given indices.
   squeezed (clustered layout)  the same on a context whose rows are sorted by cluster
                       (`workbench.squeezed.layout`): kept clusters are contiguous runs.
   squeezed-hier       the same with the two-level lookup.
@@ -402,6 +406,29 @@ TUNINGS = (
 )
 
 
+# Decode variants timed next to the default at the largest context, budget 1/8 (also with
+# --quick): launch settings of the fused attention (`sparse_attention`'s tuning: L2 prefetch of
+# the K/V rows some tiles ahead, deeper cp.async pipelines) and of the one-level lookup
+# (`centroid_keep`: fuse_lse = 2 launches instead of 3, keep_block_k). Locally compiled for
+# sm_90 (Triton 3.9), the default loop holds one 64-row K/V buffer and waits for all copies at
+# the top of every tile: one tile of gathered rows in flight per program.
+DECODE_VARIANTS = (
+    ("prefetch 1", {"prefetch": 1}),
+    ("prefetch 2", {"prefetch": 2}),
+    ("prefetch 4, block_n 32", {"prefetch": 4, "block_n": 32}),
+    ("prefetch 2 bulk", {"prefetch": 2, "prefetch_bulk": True}),
+    ("stages 5", {"num_stages": 5}),
+    ("block_n 32, stages 5", {"block_n": 32, "num_stages": 5}),
+    ("block_n 64, warps 8, stages 5", {"num_warps": 8, "num_stages": 5}),
+    ("fuse_lse", {"fuse_lse": True}),
+    ("keep_block_k 64", {"keep_block_k": 64}),
+    ("prefetch 2, fuse_lse", {"prefetch": 2, "fuse_lse": True}),
+)
+SPARSE_VARIANTS = ("prefetch 1", "prefetch 2", "prefetch 4, block_n 32", "stages 5",
+                   "block_n 32, stages 5")
+PROFILED_VARIANTS = ("prefetch 2", "prefetch 2, fuse_lse")
+
+
 PREFILL_TUNINGS = (      # kernels.squeezed_prefill.sparse_prefill (default 64, 64, 4 warps, 3)
     (("block_m", 64), ("block_n", 32), ("num_warps", 4), ("num_stages", 3)),
     (("block_m", 64), ("block_n", 32), ("num_warps", 4), ("num_stages", 4)),
@@ -443,7 +470,8 @@ def kernel_profile(fn, device: str, calls: int = 20, top: int = 10) -> list[str]
 
 def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: str,
                can_triton: bool, user: int = 512, tune: bool = False, profile: bool = False,
-               meta_profile: dict | None = None, tune_prefill: bool = False) -> list[dict]:
+               meta_profile: dict | None = None, tune_prefill: bool = False,
+               variants: bool = False) -> list[dict]:
     gen = torch.Generator().manual_seed(fresh_seed())
     hq, kv, d = shape.q_heads, shape.kv_heads, shape.head_dim
     q_len = 1 if mode == "decode" else user
@@ -518,6 +546,12 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
     if tune and can_triton:
         for cfg in TUNINGS:
             impls[f"sparse attn only {cfg}"] = (lambda c=cfg: sparse_only(dict(c)))
+    decode_variants = dict(DECODE_VARIANTS) if variants and can_triton and mode == "decode" \
+        else {}
+    for name in SPARSE_VARIANTS:
+        if name in decode_variants:
+            impls[f"sparse attn only [{name}]"] = (
+                lambda c=decode_variants[name]: sparse_only(dict(c)))
     impls["squeezed"] = lambda: fast_squeezed_attention(plan16, 0, q, k, v, 16, backend)
     impls["squeezed-hier"] = lambda: fast_squeezed_attention(plans[(True, 16)], 0, q, k, v, 16,
                                                              backend)
@@ -534,6 +568,9 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
         for cfg in TUNINGS:
             impls[f"squeezed {cfg}"] = (lambda c=cfg: fast_squeezed_attention(
                 plan16, 0, q, k, v, 16, backend, tuning=dict(c)))
+    for name, cfg in decode_variants.items():
+        impls[f"squeezed [{name}]"] = (lambda c=cfg: fast_squeezed_attention(
+            plan16, 0, q, k, v, 16, backend, tuning=dict(c)))
     cplan = clustered_plan(plan16)             # the context's rows sorted by cluster (untimed)
     kc, vc = to_clustered(cplan, 0, k, v)
     impls["squeezed (clustered layout)"] = lambda: fast_squeezed_attention(cplan, 0, q, kc, vc,
@@ -550,6 +587,13 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
     if profile and can_triton:
         key = f"{shape.name} n{n // 1024}K {mode} 1/{round(1 / budget)}"
         meta_profile[key] = kernel_profile(impls["squeezed"], device)
+        for name in PROFILED_VARIANTS:
+            for impl in (f"squeezed [{name}]", f"sparse attn only [{name}]"):
+                if impl in impls:
+                    try:
+                        meta_profile[f"{key} {impl}"] = kernel_profile(impls[impl], device)
+                    except Exception as error:     # a variant's failure is recorded below
+                        meta_profile[f"{key} {impl}"] = [f"failed: {error}"[:200]]
         if mode == "prefill":
             meta_profile[key + " (1 set)"] = kernel_profile(impls["squeezed (1 set)"], device)
     if mode == "prefill":
@@ -577,6 +621,20 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
             times[name], graphs[name] = None, None
             notes[name] = f"failed: {type(error).__name__}: {str(error)[:200]}"
             print(f"  {name} failed: {notes[name]}", flush=True)
+    # variants compute what the default computes (the prefetch changes nothing, other tile
+    # sizes change the summation order): their largest difference from the default's output
+    diffs = {}
+    for name in impls:
+        ref = "squeezed" if name.startswith("squeezed [") else "sparse attn only (ctx)" \
+            if name.startswith("sparse attn only [") else None
+        if ref and times.get(name) and times.get(ref):
+            try:
+                a, b_ = impls[name](), impls[ref]()
+                a, b_ = (a[0] if isinstance(a, tuple) else a), (b_[0] if isinstance(b_, tuple)
+                                                              else b_)
+                diffs[name] = float((a.float() - b_.float()).abs().max())
+            except Exception as error:
+                notes[name] = f"compare failed: {type(error).__name__}: {str(error)[:200]}"
     dense_names = [x for x in ("dense sdpa", "dense sdpa (kv expanded)") if times.get(x)]
     base = min((times[x] for x in dense_names), default=None)     # the best dense pick
     base_graph = min((graphs[x] for x in dense_names if graphs.get(x)), default=None)
@@ -598,6 +656,8 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
                          dtype=dtype, median_ms=times[name], baseline_ms=base,
                          bytes_moved=nbytes, note=notes.get(name, ""))
         row["graph_ms"] = graphs[name]
+        if name in diffs:
+            row["max_diff_vs_default"] = diffs[name]
         row["graph_speedup"] = base_graph / graphs[name] if base_graph and graphs[name] else None
         row["dense_read_gbps"] = dense_gbps
         if mode == "decode" and dense_gbps and times[name]:
@@ -652,6 +712,8 @@ def main(argv: list[str] | None = None) -> int:
                         "sparse attention at the largest context, budget 1/8")
     parser.add_argument("--profile", action="store_true", help="GPU: kernel times of the "
                         "squeezed path at the largest context, budget 1/8 (torch.profiler)")
+    parser.add_argument("--no-variants", action="store_true", help="skip the decode "
+                        "variants (DECODE_VARIANTS) at the largest context, budget 1/8")
     parser.add_argument("--shapes", default=None, help="comma-separated shape names")
     parser.add_argument("--prefill-only", action="store_true", help="skip the decode cases")
     parser.add_argument("--tune-prefill", action="store_true", help="also time launch "
@@ -699,7 +761,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_case(shape, n, mode, budget, dtype, device, can_triton,
                            user=meta["user_tokens"], tune=args.tune and last,
                            profile=args.profile and on_gpu and last, meta_profile=profiles,
-                           tune_prefill=args.tune_prefill and last)
+                           tune_prefill=args.tune_prefill and last,
+                           variants=last and not args.no_variants)
         print(f"  {shape.name} n={n} {mode} 1/{round(1 / budget)}: "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
         if out_dir:          # after every case, so that a run cut short keeps what it measured

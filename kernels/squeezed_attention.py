@@ -101,6 +101,28 @@ if HAS_TRITON:
         tl.store(lse_ptr + b * sl_b + hq * sl_h + tq * sl_t + split, lse, mask=row_ok)
 
     @triton.jit
+    def _prefetch_rows(ptrs, ok, ROW_BYTES: tl.constexpr, BULK: tl.constexpr):
+        # L2 prefetch of the ROW_BYTES at each pointer (no register result, nothing waits on
+        # it): the rows a later tile gathers come from HBM while this tile waits on its own.
+        # BULK: one sm_90 cp.async.bulk.prefetch per row (the address must be warp-uniform, so
+        # ptxas loops over the lanes); else one prefetch.global.L2 per 128-byte line and thread
+        if BULK:
+            _ = tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.s32 p, $2, 0; "
+                "@p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
+                "=r,l,r,r", [ptrs, ok.to(tl.int32), tl.full(ok.shape, ROW_BYTES, tl.int32)],
+                dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            LINES: tl.constexpr = (ROW_BYTES + 127) // 128
+            step: tl.constexpr = 128 // ptrs.dtype.element_ty.primitive_bitwidth * 8
+            lp = ptrs[:, None] + (tl.arange(0, LINES) * step)[None, :]
+            lok = ok[:, None] & (tl.arange(0, LINES) < LINES)[None, :]
+            _ = tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; "
+                "mov.u32 $0, 0; }",
+                "=r,l,r", [lp, lok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _sparse_attention_kernel(
         q_ptr, k_ptr, v_ptr, idx_ptr, cnt_ptr, o_ptr, lse_ptr,
         q_len, group, bs, n_blocks, kv_heads, head_dim, split_len, qk_scale, causal_start,
@@ -115,6 +137,7 @@ if HAS_TRITON:
         CAUSAL: tl.constexpr, CHUNKED: tl.constexpr, FP32_DOT: tl.constexpr,
         FUSED: tl.constexpr, SUB: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PREFETCH: tl.constexpr = 0, ROW_BYTES: tl.constexpr = 0, PF_BULK: tl.constexpr = False,
     ):
         prog = tl.program_id(0)             # (batch, kv head, block of queries, tile of rows)
         split = tl.program_id(1)
@@ -163,7 +186,20 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         n0 = tl.arange(0, BLOCK_N)
+        irow = idx_ptr + pid.to(tl.int64) * si_row
+        kbase = k_ptr + b * sk_b + h * sk_h
+        vbase = v_ptr + b * sv_b + h * sv_h
+        if PREFETCH > 0:    # indices of the tile PREFETCH ahead, carried one iteration early
+            pj = start + PREFETCH * BLOCK_N + n0
+            pkid = tl.load(irow + pj, mask=pj < idx_end, other=-1)
         for j0 in range(start, end, BLOCK_N):
+            if PREFETCH > 0:
+                pok = pkid >= 0
+                prow = tl.where(pok, pkid, 0).to(tl.int64)
+                _prefetch_rows(kbase + prow * sk_n, pok, ROW_BYTES, PF_BULK)
+                _prefetch_rows(vbase + prow * sv_n, pok, ROW_BYTES, PF_BULK)
+                pj = j0 + (PREFETCH + 1) * BLOCK_N + n0
+                pkid = tl.load(irow + pj, mask=pj < idx_end, other=-1)
             j = j0 + n0
             ok = j < end
             kid = tl.load(idx_ptr + pid.to(tl.int64) * si_row + j, mask=j < idx_end,
@@ -206,6 +242,22 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def _prefetch_meta(tuning: dict, k: torch.Tensor, interpreted: bool) -> dict:
+    """tuning {"prefetch": P}: each tile first issues L2 prefetches of the K/V rows of the
+    tile P ahead (one prefetch.global.L2 per 128-byte line; with "prefetch_bulk" one sm_90
+    cp.async.bulk.prefetch per row), so that more gathered bytes are in flight than the one
+    K/V buffer Triton's pipeliner gives this loop (sm_90 SASS: the index load feeds the K/V
+    cp.async, and the loop waits for all copies at the top of each tile). No effect on the
+    results; off under the interpreter (no inline assembly there), and bulk needs rows of a
+    multiple of 16 bytes."""
+    ahead = int(tuning.get("prefetch", 0))
+    row = k.shape[-1] * k.element_size()
+    bulk = bool(tuning.get("prefetch_bulk"))
+    if not ahead or interpreted or (bulk and row % 16):
+        return {}
+    return {"PREFETCH": ahead, "ROW_BYTES": row, "PF_BULK": bulk}
+
+
 def choose_splits(rows: int, width: int, block_n: int, target_programs: int = 264) -> int:
     """Split-KV parts: enough programs (rows * splits) to fill an H200 (132 SMs, ~2 each), but
     each part at least 4 tiles of keys."""
@@ -243,7 +295,9 @@ def sparse_attention(q, k, v, indices, counts, block_size: int | None, scaling: 
     `select_chunks` returns them: one split per chunk, no empty splits. There `user_len` > 0 adds
     the user tokens k[:, :, user_start:user_start + user_len] as further splits (causal with
     `causal_start`), so one launch covers context and user part before a single merge.
-    `tuning` overrides the launch settings (block_n, num_warps, num_stages) for benchmarks."""
+    `tuning` overrides the launch settings (block_n, num_warps, num_stages) for benchmarks, and
+    {"prefetch": P} turns on L2 prefetches P tiles ahead (`_prefetch_meta`; not yet run on a
+    GPU)."""
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[-1] != k.shape[-1]:
         raise WorkbenchError(f"sparse_attention: expected q (b, hq, q_len, d), k and v "
                              f"(b, kv, n, d); got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -321,7 +375,7 @@ def _launch(q, k, v, idx, cnt, block_size, scaling, n_ctx, split_len, chunked, c
         FUSED=select is not None,
         SUB=min(SELECT_SUB, _next_pow2(split_len)) if select is not None else 16,
         BLOCK_R=block_r, BLOCK_N=tuning["block_n"], BLOCK_D=block_d,
-        num_warps=tuning["num_warps"],
+        **_prefetch_meta(tuning, k, interp), num_warps=tuning["num_warps"],
         **({"num_stages": tuning["num_stages"]} if "num_stages" in tuning else {}))
     if splits == 1:
         return o[:, :, :, 0], lse[..., 0]

@@ -153,13 +153,11 @@ if HAS_TRITON:
                              mask=row_ok[:, None] & (kk < n_cent)[None, :])
 
     @triton.jit
-    def _keep_lse_kernel(m_ptr, l_ptr, lse_ptr, n_rows_pad, n_tiles,
-                         BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
-        """lse of each row from the (max, sum) partials of every centroid tile."""
-        pid = tl.program_id(0)
-        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        row = pid.to(tl.int64) * n_rows_pad + r
-        base = pid.to(tl.int64) * n_tiles * n_rows_pad + r       # partials are tile-major
+    def _row_lse(m_ptr, l_ptr, pid, r, n_rows_pad, n_tiles, BLOCK_R: tl.constexpr,
+                 BLOCK_T: tl.constexpr):
+        """lse (BLOCK_R,) of rows r of (batch, kv head, block) pid from the (max, sum)
+        partials of every centroid tile (stored tile-major); -inf for a row without mass."""
+        base = pid.to(tl.int64) * n_tiles * n_rows_pad + r
         tt0 = tl.arange(0, BLOCK_T)
         m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_R], tl.float32)
@@ -173,8 +171,16 @@ if HAS_TRITON:
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp(m_i - shift) + tl.sum(l_t * tl.exp(m - shift[:, None]), axis=1)
             m_i = m_new
-        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(lse_ptr + row, lse, mask=r < n_rows_pad)
+        return tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+
+    @triton.jit
+    def _keep_lse_kernel(m_ptr, l_ptr, lse_ptr, n_rows_pad, n_tiles,
+                         BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
+        """lse of each row from the (max, sum) partials of every centroid tile."""
+        pid = tl.program_id(0)
+        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        lse = _row_lse(m_ptr, l_ptr, pid, r, n_rows_pad, n_tiles, BLOCK_R, BLOCK_T)
+        tl.store(lse_ptr + pid.to(tl.int64) * n_rows_pad + r, lse, mask=r < n_rows_pad)
 
     @triton.jit
     def _keep_final_kernel(
@@ -183,6 +189,7 @@ if HAS_TRITON:
         sq_b, sq_h, sq_t, sc_h, sc_k, sl_h,
         STORE: tl.constexpr, FP32_DOT: tl.constexpr, P_OUT: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        m_ptr=None, l_ptr=None, FUSE_LSE: tl.constexpr = False, BLOCK_T: tl.constexpr = 16,
     ):
         bh = tl.program_id(0)
         kt = tl.program_id(1)
@@ -200,7 +207,10 @@ if HAS_TRITON:
                                               head_dim, sq_b, sq_h, sq_t, FP32_DOT, BLOCK_R,
                                               BLOCK_D)
                 row = pid.to(tl.int64) * n_rows_pad + r
-                lse = tl.load(lse_ptr + row, mask=r < n_rows_pad, other=float("-inf"))
+                if FUSE_LSE:     # every tile's program merges its rows' partials itself
+                    lse = _row_lse(m_ptr, l_ptr, pid, r, n_rows_pad, n_tiles, BLOCK_R, BLOCK_T)
+                else:
+                    lse = tl.load(lse_ptr + row, mask=r < n_rows_pad, other=float("-inf"))
                 if STORE:
                     s = tl.load(s_ptr + row[:, None] * n_cent + kk[None, :],
                                 mask=row_ok[:, None] & (kk < n_cent)[None, :],
@@ -254,7 +264,7 @@ if HAS_TRITON:
         tl.store(cnt_ptr + row64 * n_chunks + c, total)
 
 else:
-    _keep_partial_kernel = _keep_lse_kernel = _keep_final_kernel = None
+    _keep_partial_kernel = _keep_lse_kernel = _keep_final_kernel = _row_lse = None
     _select_chunks_kernel = compact_chunk = None
 
 
@@ -264,10 +274,17 @@ else:
 
 
 def centroid_keep(q, centroids, log_sizes, scaling: float, block_size: int | None,
-                  threshold: float | None, *, backend: str = "auto") -> torch.Tensor:
+                  threshold: float | None, *, backend: str = "auto",
+                  fuse_lse: bool = False, block_k: int | None = None,
+                  num_warps: int = 4) -> torch.Tensor:
     """keep (b, kv, n_blocks, k) bool: centroids whose estimated attention per key passes
     `threshold` (module docstring). threshold None: the estimates p (b, kv, n_blocks, k)
-    float32 themselves, for allocations that rank them (see `workbench.squeezed.fastpath`)."""
+    float32 themselves, for allocations that rank them (see `workbench.squeezed.fastpath`).
+    fuse_lse: two launches instead of three, each program of the last kernel merging its rows'
+    partials itself (every tile's program re-reads n_tiles partials per row from L2, instead of
+    a launch that does it once; variant, not yet run on a GPU). block_k (centroids per program,
+    a power of two >= 16; default 128 for <= 16 rows, else 64) and num_warps: launch settings
+    for benchmarks."""
     if q.dim() != 4 or centroids.dim() != 3 or q.shape[-1] != centroids.shape[-1] \
             or q.shape[1] % centroids.shape[0]:
         raise WorkbenchError(f"centroid_keep: expected q (b, hq, q_len, d) and centroids "
@@ -294,7 +311,10 @@ def centroid_keep(q, centroids, log_sizes, scaling: float, block_size: int | Non
     ln = log_sizes.float().contiguous()
     interp = is_interpreted(_keep_partial_kernel)
     block_r = max(16, min(64, _next_pow2(g * bs)))
-    block_k = 64 if interp or block_r > 16 else 128
+    block_k = 64 if interp else block_k or (64 if block_r > 16 else 128)
+    if block_k < 16 or block_k != _next_pow2(block_k):
+        raise WorkbenchError(f"centroid_keep: block_k must be a power of two >= 16, not "
+                             f"{block_k}.")
     n_tiles = math.ceil(k / block_k)
     n_rows_pad = math.ceil(g * bs / block_r) * block_r
     # few rows per KV head (decode): keep the logits, read the centroids once; more rows
@@ -307,16 +327,19 @@ def centroid_keep(q, centroids, log_sizes, scaling: float, block_size: int | Non
     args = (q_len, k, g, bs, nb, kv, d, float(scaling), n_rows_pad, n_tiles,
             q.stride(0), q.stride(1), q.stride(2), c.stride(0), c.stride(1), ln.stride(0))
     meta = dict(STORE=store, FP32_DOT=_fp32_dot(q, c, interp), BLOCK_R=block_r,
-                BLOCK_K=block_k, BLOCK_D=max(16, _next_pow2(d)), num_warps=4)
+                BLOCK_K=block_k, BLOCK_D=max(16, _next_pow2(d)), num_warps=num_warps)
     _keep_partial_kernel[(b * kv, n_tiles)](q, c, ln, m, l_sum, s, *args, **meta)
-    lse = torch.empty(rows, n_rows_pad, dtype=torch.float32, device=q.device)
     block_t = min(64, max(16, _next_pow2(n_tiles)))
-    _keep_lse_kernel[(rows, n_rows_pad // block_r)](m, l_sum, lse, n_rows_pad, n_tiles,
-                                                    BLOCK_R=block_r, BLOCK_T=block_t)
+    if fuse_lse:
+        lse, fuse = m, dict(m_ptr=m, l_ptr=l_sum, FUSE_LSE=True, BLOCK_T=block_t)
+    else:
+        lse, fuse = torch.empty(rows, n_rows_pad, dtype=torch.float32, device=q.device), {}
+        _keep_lse_kernel[(rows, n_rows_pad // block_r)](m, l_sum, lse, n_rows_pad, n_tiles,
+                                                        BLOCK_R=block_r, BLOCK_T=block_t)
     _keep_final_kernel[(b * kv, n_tiles)](q, c, ln, lse, s,
                                         keep if p_out else keep.view(torch.int8),
                                         0.0 if p_out else float(threshold), *args, **meta,
-                                        P_OUT=p_out)
+                                        P_OUT=p_out, **fuse)
     return keep
 
 

@@ -70,6 +70,29 @@ def test_fast_path_equals_cpu_path(backend, hierarchical, q_len, block, fused):
     torch.testing.assert_close(got.cpu(), want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton kernels")
+@pytest.mark.parametrize("tuning", [{"fuse_lse": True},
+                                    {"fuse_lse": True, "prefetch": 2, "block_n": 32}])
+def test_decode_variants_equal_cpu_path(tuning):
+    """Decode launch variants that bench_squeezed times (two-launch lookup, L2 prefetch: a
+    no-op under the interpreter) give the readable CPU path's output."""
+    index, keys = synthetic_index()
+    gen = torch.Generator().manual_seed(2)
+    n, kv, d = index.context_len, index.kv_heads, index.head_dim
+    k = torch.cat([keys, torch.randn(kv, 4, d, generator=gen)], 1)[None]
+    v = torch.randn(1, kv, n + 4, d, generator=gen)
+    q = torch.randn(1, index.q_heads, 1, d, generator=gen) * 2
+    sel = SqueezedSelector(index, 0.3, block_size=16)
+    mask = sel.select(0, q, k[:, :, :n])
+    o1, l1 = masked_context_attention(q, k[:, :, :n], v[:, :, :n], mask, 16, index.scaling)
+    o2, l2 = causal_attention_with_lse(q, k[:, :, n:], v[:, :, n:], index.scaling)
+    want, _ = merge_attention_partials(torch.stack([o1, o2], -2), torch.stack([l1, l2], -1))
+    plan = DevicePlan.from_index(index, 0.3, block_size=16, device=DEVICE, dtype=torch.float32)
+    got = fast_squeezed_attention(plan, 0, q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), 16,
+                                  backend="triton", tuning=tuning)
+    torch.testing.assert_close(got.cpu(), want, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("hierarchical", [False, True])
 @pytest.mark.parametrize("q_len,block,rows", [(1, 16, False), (11, 4, False), (11, 4, True)])

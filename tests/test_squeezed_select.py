@@ -33,7 +33,8 @@ def _gen():
 @pytest.mark.parametrize("shape", [(1, 4, 2, 1, 16, 157, 32),      # decode, GQA: logits stored
                                    (1, 6, 3, 37, 16, 97, 40),      # prefill blocks, 2 row tiles
                                    (2, 2, 2, 5, None, 300, 16)])   # one set, 5 centroid tiles
-def test_centroid_keep_kernel(shape):
+@pytest.mark.parametrize("fuse_lse", [False, True])
+def test_centroid_keep_kernel(shape, fuse_lse):
     b, hq, kv, q_len, block, k, d = shape
     gen, ctx = _gen()
     q = torch.randn(b, hq, q_len, d, generator=gen).to(DEVICE)
@@ -41,7 +42,8 @@ def test_centroid_keep_kernel(shape):
     ln = torch.log(torch.randint(1, 30, (kv, k), generator=gen).float()).to(DEVICE)
     p = centroid_scores_reference(q.double(), c.double(), ln.double(), d ** -0.5, block)
     threshold = float(p.flatten().kthvalue(max(1, int(0.8 * p.numel()))).values)
-    got = centroid_keep(q, c, ln, d ** -0.5, block, threshold, backend="triton")
+    got = centroid_keep(q, c, ln, d ** -0.5, block, threshold, backend="triton",
+                        fuse_lse=fuse_lse)
     want = p >= threshold
     # only estimates within float32 rounding of the threshold may differ
     near = (p - threshold).abs() <= 1e-6 * threshold
@@ -230,3 +232,33 @@ def test_sparse_prefill_kernel(case):
                          n_splits=splits, backend="triton")
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5, msg=ctx)
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5, msg=ctx)
+
+
+@needs_triton
+@pytest.mark.parametrize("hq, kv, tuning", [(8, 2, {"prefetch": 2}),               # GQA 4
+                                            (2, 2, {"prefetch": 4, "block_n": 32}),  # 1 row
+                                            (6, 2, {"block_n": 32, "num_stages": 5})])
+def test_select_and_attend_decode_variants(hq, kv, tuning):
+    """Decode launch variants of the fused kernel (benchmarks/bench_squeezed.py times them;
+    the L2 prefetch is off under the interpreter): the same output, lse and counts as the
+    reference."""
+    from kernels.squeezed_attention import select_and_attend
+
+    b, q_len, block, n, u, chunk, d = 1, 1, 16, 700, 9, 128, 32
+    gen, ctx = _gen()
+    q, k, v, keep, labels = _user_case(gen, b, hq, kv, q_len, block, n, u, torch.int16, d)
+    args = (keep, labels, n, 4, 16, block, d ** -0.5)
+    kw = dict(causal_start=n + u - q_len, user_start=n, user_len=u, chunk=chunk)
+    _, rcnt = select_chunks_reference(keep, labels, n, 4, 16, chunk)
+    counts = {}
+
+    def variant(q, k, v):
+        o, lse, counts["got"] = select_and_attend(q, k, v, *args, **kw, backend="triton",
+                                                  tuning=tuning)
+        return o, lse
+
+    def reference(q, k, v):
+        return select_and_attend(q, k, v, *args, **kw, backend="torch")[:2]
+
+    assert_matches_reference(variant, reference, (q, k, v), names=("o", "lse"), context=ctx)
+    assert torch.equal(counts["got"], rcnt), ctx

@@ -160,9 +160,11 @@ def centroid_estimates(plan: DevicePlan, layer: int, q: torch.Tensor,
 
 
 def kept_centroids(plan: DevicePlan, layer: int, q: torch.Tensor, block_size: int | None,
-                   backend: str = "auto", rows: bool = False) -> torch.Tensor:
+                   backend: str = "auto", rows: bool = False,
+                   keep_tuning: dict | None = None) -> torch.Tensor:
     """(b, kv, nb, kf) bool: the fine centroids the plan's allocation keeps. rows: one-level
-    lookups through the prefill kernel (`prefill_keep`; the same flags)."""
+    lookups through the prefill kernel (`prefill_keep`; the same flags). keep_tuning: keyword
+    settings of the one-level `centroid_keep` (fuse_lse, block_k, num_warps), for benchmarks."""
     if plan.allocation == "layer":
         p = centroid_estimates(plan, layer, q, block_size, backend, rows)
         return layer_allocation(p, plan.member_counts[layer], plan.layer_shares[layer],
@@ -172,7 +174,8 @@ def kept_centroids(plan: DevicePlan, layer: int, q: torch.Tensor, block_size: in
                             block_size, plan.fine_threshold, backend=backend)
     if not plan.hierarchical:                   # fused: estimates never leave the kernel
         return centroid_keep(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
-                             block_size, plan.fine_threshold, backend=backend)
+                             block_size, plan.fine_threshold, backend=backend,
+                             **(keep_tuning or {}))
     p = centroid_estimates(plan, layer, q, block_size, backend)
     return (p >= plan.fine_threshold) & (p > 0)
 
@@ -198,7 +201,9 @@ def fast_squeezed_attention(plan: DevicePlan, layer: int, q: torch.Tensor, k: to
     flags of `prefill_keep` but attend through `select_chunks` + the chunked kernel. prefill
     "rows" forces the prefill kernels, "chunks" the chunked path of decode throughout (the same
     function, other kernels).
-    tuning: launch settings of the attention kernel, for benchmarks.
+    tuning: launch settings of the attention kernel, for benchmarks (see `sparse_attention`);
+    its keys "fuse_lse", "keep_block_k" and "keep_warps" go to the one-level lookup instead
+    (`centroid_keep`'s fuse_lse, block_k, num_warps).
     Returns (b, hq, q_len, d), and with return_counts also the kept counts (b, kv, n_blocks)."""
     n = plan.context_len
     q_len = q.shape[2]
@@ -207,7 +212,12 @@ def fast_squeezed_attention(plan: DevicePlan, layer: int, q: torch.Tensor, k: to
         raise WorkbenchError(f"fast_squeezed_attention: prefill must be 'rows' or 'chunks', "
                              f"not {prefill!r}.")
     rows = q_len > 1 and fused_select is None and prefill != "chunks"
-    keep = kept_centroids(plan, layer, q, block_size, backend, rows=rows)
+    tuning = dict(tuning or {})
+    keep_tuning = {name: tuning.pop(key) for key, name in (
+        ("fuse_lse", "fuse_lse"), ("keep_block_k", "block_k"), ("keep_warps", "num_warps"))
+        if key in tuning}
+    keep = kept_centroids(plan, layer, q, block_size, backend, rows=rows,
+                          keep_tuning=keep_tuning)
     if rows and prefill is None:   # blocks of fewer than 64 query rows: the chunked attention
         _, bs = block_layout(q_len, block_size)
         rows = q.shape[1] // k.shape[1] * bs >= PREFILL_MIN_ROWS
