@@ -238,6 +238,13 @@ else:
     _sparse_attention_kernel = _store_rows = None
 
 
+def check_qkv(op: str, q, k, v) -> None:
+    """A clear error unless q is (b, hq, q_len, d) and k, v are both (b, kv, n, d)."""
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[-1] != k.shape[-1]:
+        raise WorkbenchError(f"{op}: expected q (b, hq, q_len, d), k and v (b, kv, n, d); got "
+                             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
@@ -298,10 +305,7 @@ def sparse_attention(q, k, v, indices, counts, block_size: int | None, scaling: 
     `tuning` overrides the launch settings (block_n, num_warps, num_stages) for benchmarks, and
     {"prefetch": P} turns on L2 prefetches P tiles ahead (`_prefetch_meta`; not yet run on a
     GPU)."""
-    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[-1] != k.shape[-1]:
-        raise WorkbenchError(f"sparse_attention: expected q (b, hq, q_len, d), k and v "
-                             f"(b, kv, n, d); got {tuple(q.shape)}, {tuple(k.shape)}, "
-                             f"{tuple(v.shape)}.")
+    check_qkv("sparse_attention", q, k, v)
     b, hq, q_len, d = q.shape
     kv = k.shape[1]
     nb, bs = block_layout(q_len, block_size)

@@ -49,7 +49,12 @@ import torch
 
 from kernels.dispatch import HAS_TRITON, is_interpreted, pick_backend, tl, triton
 from kernels.lse_merge import merge_attention_partials
-from kernels.squeezed_attention import _store_rows, chunked_to_flat, sparse_attention_reference
+from kernels.squeezed_attention import (
+    _store_rows,
+    check_qkv,
+    chunked_to_flat,
+    sparse_attention_reference,
+)
 from kernels.squeezed_lookup import (
     SUPPORTED_DTYPES,
     _fp32_dot,
@@ -402,10 +407,7 @@ def sparse_prefill(q, k, v, indices, counts, block_size: int | None, scaling: fl
     user_start + j visible to query t when user_start + j <= causal_start + t. Returns
     (o (b, hq, q_len, d) in q.dtype, lse (b, hq, q_len) float32). tuning: block_m, block_n,
     num_warps, num_stages (benchmarks)."""
-    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[-1] != k.shape[-1]:
-        raise WorkbenchError(f"sparse_prefill: expected q (b, hq, q_len, d), k and v "
-                             f"(b, kv, n, d); got {tuple(q.shape)}, {tuple(k.shape)}, "
-                             f"{tuple(v.shape)}.")
+    check_qkv("sparse_prefill", q, k, v)
     b, hq, q_len, d = q.shape
     kv = k.shape[1]
     nb, bs = block_layout(q_len, block_size)
