@@ -86,6 +86,26 @@ def sparse_attention_reference(q, k, v, indices, counts, block_size, scaling, ca
 if HAS_TRITON:
 
     @triton.jit
+    def _attend_tile(q, kt, vt, vis, m_i, l_i, acc, qk_scale, FP32_DOT: tl.constexpr):
+        """One FlashAttention step (log2 units): rows q against the tile (kt, vt), vis mask."""
+        if FP32_DOT:
+            s = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(kt))
+        s = tl.where(vis, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - shift)
+        p = tl.exp2(s - shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if FP32_DOT:   # p rounded to v's dtype first, as the 16-bit GPU path does
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype).to(tl.float32),
+                                                vt.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _store_rows(o_ptr, lse_ptr, acc, l_i, m_i, b, hq, t, split, d, row_ok, d_ok,
                     so_b, so_h, so_t, so_s, sl_b, sl_h, sl_t):
         # one split's normalized output rows (rows, D) and their log-sum-exp (natural log;
@@ -154,6 +174,8 @@ if HAS_TRITON:
         d_ok = d < head_dim
         q = tl.load(q_ptr + b * sq_b + hq[:, None] * sq_h + t[:, None] * sq_t + d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)     # (BLOCK_R, BLOCK_D)
+        if FP32_DOT:
+            q = q.to(tl.float32)
         # splits < n_ctx_splits read kept indices; the others (chunked mode) take the user
         # tokens user_start + j, j < the last key the block's last query sees
         is_user = split >= n_ctx_splits
@@ -210,32 +232,15 @@ if HAS_TRITON:
                          mask=ok[:, None] & d_ok[None, :], other=0.0)    # (BLOCK_N, BLOCK_D)
             vt = tl.load(v_ptr + b * sv_b + h * sv_h + kid[:, None] * sv_n + d[None, :],
                          mask=ok[:, None] & d_ok[None, :], other=0.0)
-            if FP32_DOT:
-                s = tl.dot(q.to(tl.float32), tl.trans(kt.to(tl.float32)),
-                           input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(kt))
-            s = s * qk_scale                                             # log2 units
             vis = ok[None, :]
             if CAUSAL:
                 vis = vis & (kid[None, :] <= causal_start + t[:, None])
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - shift)
-            p = tl.exp2(s - shift[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if FP32_DOT:   # p rounded to v's dtype first, as the 16-bit GPU path does
-                pv = p.to(vt.dtype).to(tl.float32)
-                acc = acc * alpha[:, None] + tl.dot(pv, vt.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(q, kt, vt, vis, m_i, l_i, acc, qk_scale, FP32_DOT)
         _store_rows(o_ptr, lse_ptr, acc, l_i, m_i, b, hq, t, split, d, row_ok, d_ok,
                     so_b, so_h, so_t, so_s, sl_b, sl_h, sl_t)
 
 else:
-    _sparse_attention_kernel = _store_rows = None
+    _sparse_attention_kernel = _store_rows = _attend_tile = None
 
 
 def check_qkv(op: str, q, k, v) -> None:

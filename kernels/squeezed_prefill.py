@@ -50,6 +50,7 @@ import torch
 from kernels.dispatch import HAS_TRITON, is_interpreted, pick_backend, tl, triton
 from kernels.lse_merge import merge_attention_partials
 from kernels.squeezed_attention import (
+    _attend_tile,
     _store_rows,
     check_qkv,
     chunked_to_flat,
@@ -210,26 +211,6 @@ if HAS_TRITON:
             j = j0 + tl.arange(0, BLOCK)
             tl.store(dst + j, tl.load(src + j, mask=j < mine), mask=j < mine)
         tl.store(cnt_ptr + row, tl.sum(counts, axis=0), mask=c == 0)
-
-    @triton.jit
-    def _attend_tile(q, kt, vt, vis, m_i, l_i, acc, qk_scale, FP32_DOT: tl.constexpr):
-        """One FlashAttention step (log2 units): rows q against the tile (kt, vt), vis mask."""
-        if FP32_DOT:
-            s = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(kt))
-        s = tl.where(vis, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - shift)
-        p = tl.exp2(s - shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if FP32_DOT:   # p rounded to v's dtype first, as the 16-bit GPU path does
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype).to(tl.float32),
-                                                vt.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        return m_new, l_i, acc
 
     @triton.jit
     def _prefill_attention_kernel(
