@@ -73,6 +73,7 @@ from benchmarks.harness import (
     device_name,
     device_slug,
     graph_ms,
+    kernel_profile,
     print_table,
     result_row,
     time_ms,
@@ -445,27 +446,6 @@ KEEP_TUNINGS = (         # kernels.squeezed_prefill.prefill_keep (default 128, 6
     (("block_m", 64), ("block_k", 64), ("num_warps", 4), ("num_stages", 3)),
     (("block_m", 128), ("block_k", 64), ("num_warps", 8), ("num_stages", 3)),
 )
-
-
-def kernel_profile(fn, device: str, calls: int = 20, top: int = 10) -> list[str]:
-    """GPU time per kernel of `fn` (torch.profiler, `calls` calls), largest first, as lines."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if us:
-            rows.append((us / calls, e.count // calls, e.key[:70]))
-    rows.sort(reverse=True)
-    total = sum(r[0] for r in rows)
-    lines = [f"{us:8.1f} us x{cnt} {name}" for us, cnt, name in rows[:top]]
-    return [f"total {total:.1f} us per call"] + lines
 
 
 def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: str,

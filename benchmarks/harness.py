@@ -137,6 +137,27 @@ def graph_ms(fn: Callable, device: str) -> float | None:
         return None
 
 
+def kernel_profile(fn, device: str, calls: int = 20, top: int = 10) -> list[str]:
+    """GPU time per kernel of `fn` (torch.profiler, `calls` calls), largest first, as lines."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us:
+            rows.append((us / calls, e.count // calls, e.key[:70]))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    lines = [f"{us:8.1f} us x{cnt} {name}" for us, cnt, name in rows[:top]]
+    return [f"total {total:.1f} us per call"] + lines
+
+
 def copy_bandwidth_gbps(device: str, n_bytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth, counting bytes read plus bytes written."""
     src = torch.randn(n_bytes // 2, device=device, dtype=torch.bfloat16)

@@ -39,28 +39,34 @@ per dequantized element and 3x faster ~5):
 
 Each split writes a partial output and its log-sum-exp; `kernels.lse_merge` merges the splits.
 
-Measured on an H200 (benchmarks/results/kvquant_decode_h200.json, 128K tokens, batch 1): nuq3
-without sparse part 0.79 ms for the Llama-2-7B shape (32 KV heads; fp16 SDPA 0.49 ms) and
-0.26 ms for the Llama-3-8B shape (8 KV heads; SDPA 0.139 ms); nuq3-1% 1.49 / 0.52 ms (the
-previous kernel: 5.4 / 1.4 ms). The dense loop compiles to ~7 lane-operations per element
-(sm_90 SASS; the previous kernel ~69) but runs at ~500 GB/s of packed bytes: it is
-latency-bound (~214 registers per thread, two blocks of four warps per multiprocessor, a chain
-of shared-memory round trips per tile; capping registers at 168 or 128 spilled and was slower),
-and the sparse corrections (histogram, prefix sums and gathers with barriers, per chunk of
-entries) about double the time. Not yet faster than SDPA.
-Launch variants (`kvquant_decode_triton` options; the default path is unchanged; exact against
-the reference in the interpreter tests; not yet timed on a GPU; benchmarks/bench_kvquant.py
-times them all next to the default):
-- key_sparse="prepass": a separate light kernel (one program per KV head and block) computes
-  the key outliers' score corrections in token space from per-token entry offsets written at
-  pack time (`block_csr(..., token_offsets=True)`: 2 bytes per token + one max count per block,
-  read only by this mode), into a (B*Hq, S) fp32 buffer the loop adds to its scores;
-- value_sparse="post": the loop stores its scores (B*Hq, S) fp32; a separate kernel adds each
-  value outlier, weighted by exp2(s - lse) of its token in its split, to that split's partial
-  output by fp32 atomic adds before the merge;
+Measured on an H200 (benchmarks/results/kvquant_decode_h200.json, 128K tokens, batch 1, bf16
+queries): nuq3-1% 1.26 ms for the Llama-2-7B shape (32 KV heads; fp16 SDPA 0.48 ms) and 0.46 ms
+for the Llama-3-8B shape (8 KV heads; SDPA 0.137 ms); nuq3 without sparse part 0.77 / 0.19 ms
+(the first kernel: 5.4 / 1.4 ms with outliers). Per kernel (torch.profiler, Llama-2 / Llama-3
+shape, nuq3-1%): dense loop 885 / 229 us, key pre-pass 296 / 76 us, value post-pass 61 / 41 us.
+The dense loop compiles to ~7 lane-operations per element (sm_90 SASS; the first kernel ~69)
+but runs at ~550 GB/s of packed bytes: it is latency-bound (~214 registers per thread, two
+blocks of four warps per multiprocessor, a chain of shared-memory round trips per tile;
+capping registers at 168 or 128 spilled and was slower, 8 warps were slower). Not yet faster
+than SDPA.
+Launch options (`kvquant_decode_triton`; each exact against the reference in the interpreter
+tests; benchmarks/bench_kvquant.py times them all next to the default):
+- key_sparse="prepass" (the default where the cache has per-token offsets): a separate light
+  kernel (one program per KV head and block) computes the key outliers' score corrections in
+  token space from per-token entry offsets written at pack time
+  (`block_csr(..., token_offsets=True)`: 2 bytes per token, read only by this mode) into a
+  (B*Hq, S) fp32 buffer the loop adds to its scores. All entries of a chunk at once: the
+  per-token sums are prefix sums over the entries read at the token boundaries (296 -> 65 us
+  on the H200 for the Llama-2 shape against a first version that looped over each token's
+  entries);
+- value_sparse="post" (the default): the loop stores its scores (B*Hq, S) fp32; a separate
+  kernel adds each value outlier, weighted by exp2(s - lse) of its token in its split, to that
+  split's partial output by fp32 atomic adds before the merge;
+- key_sparse="segments", value_sparse="segments": the sparse part inside the tile loop (1.51 /
+  0.54 ms on the H200);
 - rotate_queries="prepass": a separate kernel writes the per-tile rotated queries
   (B*Hq, n_blocks, D) in the math dtype, so the loop loads them instead of holding the fp32
-  query halves and rotating them per tile and warp;
+  query halves and rotating them per tile and warp (not faster on the H200);
 - tiles of 32 tokens: `workbench.kvquant.fused.reblock(packed, 32)` (the tile is the sparse
   part's block).
 Why the separate passes: with the sparse part in the loop the tile loop holds inner loops
@@ -125,7 +131,6 @@ class PackedKV:
     block: int = BLOCK_N
     k_tok: torch.Tensor | None = None   # (B*H*n_blocks*block,) int16: start of each token's key
                                         # entries relative to its block's (the key pre-pass)
-    k_tmax: torch.Tensor | None = None  # (B*H*n_blocks,) int32: most key entries of one token
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
@@ -135,24 +140,31 @@ class PackedKV:
 
     def nbytes(self) -> int:
         """Bytes of the packed tensors (inv_freq and tables included; not the key pre-pass's
-        per-token offsets k_tok / k_tmax, which `kernel_bytes` counts where they are read)."""
+        per-token offsets k_tok, which `kernel_bytes` counts where they are read)."""
         return sum(t.numel() * t.element_size() for k, t in self.__dict__.items()
-                   if isinstance(t, torch.Tensor) and k not in ("k_tok", "k_tmax"))
+                   if isinstance(t, torch.Tensor) and k != "k_tok")
 
-    def kernel_bytes(self, key_sparse: str = "segments", value_sparse: str = "segments",
+    def key_sparse_mode(self, key_sparse: str = "auto") -> str:
+        """"auto" -> "prepass" when the per-token key offsets are there, else "segments"."""
+        if key_sparse != "auto":
+            return key_sparse
+        return "prepass" if self.k_tok is not None else "segments"
+
+    def kernel_bytes(self, key_sparse: str = "auto", value_sparse: str = "post",
                      q_heads: int | None = None) -> int:
         """Bytes the kernel reads from memory at least once: the packed tensors and its cos/sin
         tables (in-tile: 2 x BLOCK_N x D/2 float32; per tile start: n_blocks x 2 x D/2 float32).
-        The per-token key offsets count only for key_sparse="prepass"; the fp32 buffers of the
+        The per-token key offsets count only for the key pre-pass; the fp32 buffers of the
         separate passes (key score corrections written and read, scores written; `q_heads` rows
         each) count for those modes."""
+        key_sparse = self.key_sparse_mode(key_sparse)
+        prepass = key_sparse == "prepass" and self.k_idx.numel() > 0
         b, h, s, d, _ = self.shape
         n = self.nbytes() + (2 * self.block + 2 * triton_cdiv(s, self.block)) * d // 2 * 4
-        if key_sparse == "prepass" and self.k_idx.numel():
-            n += sum(t.numel() * t.element_size() for t in (self.k_tok, self.k_tmax)
-                     if t is not None)
+        if prepass and self.k_tok is not None:
+            n += self.k_tok.numel() * self.k_tok.element_size()
         rows = b * (q_heads or h) * triton_cdiv(s, self.block) * self.block
-        if key_sparse == "prepass" and self.k_idx.numel():
+        if prepass:
             n += 2 * rows * 4
         if value_sparse == "post" and self.v_idx.numel():
             n += rows * 4
@@ -165,8 +177,8 @@ def block_csr(index: torch.Tensor, delta: torch.Tensor, batch: int, heads: int, 
     """Token-major COO outliers (flat index ((s * B + b) * H + h) * D + d, as the cache holds
     them) -> (ptr, idx int16, val fp16) block-CSR per (batch, kv head) over blocks of `block`;
     entries sorted by token within a block (by channel with `by_channel`). token_offsets (by
-    token only): also (tok int16 (B*H*n_blocks*block,): start of each token's entries relative
-    to its block's, tmax int32 (B*H*n_blocks,): the most entries of one token in the block)."""
+    token only): also tok int16 (B*H*n_blocks*block,), the start of each token's entries
+    relative to its block's."""
     if block * head_dim > 32767:
         raise WorkbenchError(f"block {block} x head_dim {head_dim} does not fit the int16 index.")
     idx = index.long()
@@ -189,8 +201,7 @@ def block_csr(index: torch.Tensor, delta: torch.Tensor, batch: int, heads: int, 
     per_tok = torch.bincount(blk * block + s % block,
                              minlength=batch * heads * n_blocks * block).view(-1, block)
     start = torch.cumsum(per_tok, 1) - per_tok
-    return (*out, start.reshape(-1).to(torch.int16).contiguous(),
-            per_tok.amax(1).to(torch.int32).contiguous())
+    return (*out, start.reshape(-1).to(torch.int16).contiguous())
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -439,49 +450,55 @@ if HAS_TRITON:
         return corr
 
     @triton.jit
-    def _key_corr_kernel(kc_ptr, q_ptr, kptr_ptr, kidx_ptr, kval_ptr, ktok_ptr, kmax_ptr,
-                         rtab_ptr, ttab_ptr, G, n_blocks, SP, D: tl.constexpr,
-                         BLOCK_N: tl.constexpr, GS: tl.constexpr):
+    def _key_corr_kernel(kc_ptr, q_ptr, kptr_ptr, kidx_ptr, kval_ptr, ktok_ptr, rtab_ptr,
+                         ttab_ptr, G, n_blocks, SP, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         GS: tl.constexpr, E_CHUNK: tl.constexpr):
         # key pre-pass, one program per (batch x kv head, block): the score corrections
-        # (G, BLOCK_N) of the block's key outliers, in token space (the per-token entry offsets
-        # of block_csr(..., token_offsets=True): no histogram, no shared memory), written to
-        # kc (B*Hq, SP) fp32 for the dense loop; an outlier delta at pre-RoPE channel d of
-        # token p0 + t adds delta * (q . R(p0 + t) e_d)
+        # (G, BLOCK_N) of the block's key outliers, written to kc (B*Hq, SP) fp32 for the dense
+        # loop. An outlier delta at pre-RoPE channel d of token p0 + t adds
+        # delta * (q . R(p0 + t) e_d). All entries of a chunk at once; the per-token sums are
+        # prefix sums over the entries (sorted by token) read at the token boundaries, which
+        # the per-token entry offsets of block_csr(..., token_offsets=True) give directly
         HALF: tl.constexpr = D // 2
         bh = tl.program_id(0)
         blk = tl.program_id(1)
         blk_flat = bh * n_blocks + blk
         e0 = tl.load(kptr_ptr + blk_flat)
         e1 = tl.load(kptr_ptr + blk_flat + 1)
-        nmax = tl.load(kmax_ptr + blk_flat)
         n_local = tl.arange(0, BLOCK_N)
         tb = blk_flat.to(tl.int64) * BLOCK_N
-        start = tl.load(ktok_ptr + tb + n_local).to(tl.int32)
+        start = tl.load(ktok_ptr + tb + n_local).to(tl.int32)          # relative to e0
         last = n_local + 1 >= BLOCK_N
         end = tl.where(last, e1 - e0, tl.load(ktok_ptr + tb + n_local + 1, mask=~last,
                                               other=0).to(tl.int32))
-        rows = tl.arange(0, GS)
-        qrow = (bh * G + tl.minimum(rows, G - 1)).to(tl.int64)[:, None]
+        rows = tl.arange(0, GS)[:, None]
         corr = tl.zeros([GS, BLOCK_N], dtype=tl.float32)
-        for j in range(0, nmax):
-            ok = start + j < end
-            e = e0 + start + j
-            idx = tl.load(kidx_ptr + e, mask=ok, other=0).to(tl.int32)
-            val = tl.load(kval_ptr + e, mask=ok, other=0.0).to(tl.float32)
+        for c0 in range(0, e1 - e0, E_CHUNK):
+            offs_e = e0 + c0 + tl.arange(0, E_CHUNK)
+            e_ok = offs_e < e1
+            idx = tl.load(kidx_ptr + offs_e, mask=e_ok, other=0).to(tl.int32)
+            val = tl.load(kval_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
+            t_e = idx // D
             d_e = idx % D
             i_e = d_e % HALF
-            up = (d_e >= HALF)[None, :]
+            up = d_e >= HALF
             cb = tl.load(ttab_ptr + blk * D + i_e)
             sb = tl.load(ttab_ptr + blk * D + HALF + i_e)
-            ct = tl.load(rtab_ptr + n_local * HALF + i_e)
-            st = tl.load(rtab_ptr + (BLOCK_N + n_local) * HALF + i_e)
-            c = (cb * ct - sb * st)[None, :]
-            sn = (sb * ct + cb * st)[None, :]
-            qa = tl.load(q_ptr + qrow * D + i_e[None, :]).to(tl.float32)
-            qb = tl.load(q_ptr + qrow * D + HALF + i_e[None, :]).to(tl.float32)
-            corr += val[None, :] * tl.where(up, qb * c - qa * sn, qa * c + qb * sn)
-        tl.store(kc_ptr + qrow * SP + blk * BLOCK_N + n_local[None, :], corr,
-                 mask=(rows < G)[:, None])
+            ct = tl.load(rtab_ptr + t_e * HALF + i_e)
+            st = tl.load(rtab_ptr + (BLOCK_N + t_e) * HALF + i_e)
+            c = cb * ct - sb * st
+            sn = sb * ct + cb * st
+            lo = tl.minimum(tl.maximum(start - c0, 0), E_CHUNK)      # the tokens' entries
+            hi = tl.minimum(tl.maximum(end - c0, 0), E_CHUNK)        # within this chunk
+            for g in tl.static_range(GS):
+                qrow = bh * G + tl.minimum(g, G - 1)           # rows >= G: padding copies
+                qa = tl.load(q_ptr + qrow * D + i_e).to(tl.float32)
+                qb = tl.load(q_ptr + qrow * D + HALF + i_e).to(tl.float32)
+                delta = val * tl.where(up, qb * c - qa * sn, qa * c + qb * sn)
+                corr += tl.where(rows == g, _segment_sum(delta, lo, hi)[None, :], 0.0)
+        qrows = (bh * G + tl.minimum(tl.arange(0, GS), G - 1)).to(tl.int64)[:, None]
+        tl.store(kc_ptr + qrows * SP + blk * BLOCK_N + n_local[None, :], corr,
+                 mask=(tl.arange(0, GS) < G)[:, None])
 
     @triton.jit
     def _value_post_kernel(o_ptr, lse_ptr, s_ptr, vptr_ptr, vidx_ptr, vval_ptr, G, n_blocks,
@@ -753,7 +770,7 @@ def choose_splits(batch_heads: int, seq: int, interpreted: bool = False,
 def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = None,
                           num_warps: int = 4, num_stages: int = 3, use_asm: bool | None = None,
                           e_chunk: int = 128, max_registers: int | None = None,
-                          key_sparse: str = "segments", value_sparse: str = "segments",
+                          key_sparse: str = "auto", value_sparse: str = "post",
                           rotate_queries: str = "loop"):
     """Launch the kernel: q (B, Hq, D) -> partial outputs (B, Hq, n_splits, D) float32 and
     lses (B, Hq, n_splits) float32 (natural log). use_asm: levels by PTX byte permutes (default
@@ -761,15 +778,17 @@ def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = N
     max_registers: cap on registers per thread (ptxas spills above it; the kernel uses ~214 at
     4 warps, which allows two blocks per multiprocessor: a lower cap trades spills for
     occupancy, not yet measured).
-    key_sparse: "segments" (in the loop, the default) or "prepass" (a separate kernel writes
-    the key outliers' score corrections, (B*Hq, S) fp32, from the per-token entry offsets of
-    `block_csr(..., token_offsets=True)`; the loop adds them). value_sparse: "segments" or
-    "post" (the loop stores its scores, (B*Hq, S) fp32; a separate kernel adds the value
-    outliers to the partial outputs). The separate passes keep the dense loop free of inner
-    loops and barriers for the sparse part. rotate_queries: "loop" (each tile rotates the
-    query by its start, the default) or "prepass" (a separate kernel writes the rotated
-    queries, (B*Hq, n_blocks, D) in the math dtype; the loop loads them). Not yet timed on a
-    GPU."""
+    key_sparse: "prepass" (a separate kernel writes the key outliers' score corrections,
+    (B*Hq, S) fp32, from the per-token entry offsets of `block_csr(..., token_offsets=True)`;
+    the loop adds them), "segments" (in the loop) or "auto" (the default: "prepass" when the
+    cache has the per-token offsets, as the KVQuant cache's packing writes them). value_sparse:
+    "post" (the default: the loop stores its scores, (B*Hq, S) fp32; a separate kernel adds
+    the value outliers to the partial outputs) or "segments". The separate passes keep the
+    dense loop free of inner loops and barriers for the sparse part: on the H200 at 128K,
+    nuq3-1%, 1.26 vs 1.50 ms (Llama-2 shape) and 0.43 vs 0.54 ms (Llama-3 shape).
+    rotate_queries: "loop" (each tile rotates the query by its start, the default) or
+    "prepass" (a separate kernel writes the rotated queries, (B*Hq, n_blocks, D) in the math
+    dtype; the loop loads them; not faster on the H200)."""
     b, h, s, d, bits = p.shape
     hq = q.shape[1]
     g = hq // h
@@ -788,14 +807,17 @@ def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = N
     o = torch.empty(b, hq, n_splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, n_splits, dtype=torch.float32, device=q.device)
     has_ks, has_vs = p.k_idx.numel() > 0, p.v_idx.numel() > 0
-    if key_sparse not in ("segments", "prepass") or value_sparse not in ("segments", "post"):
-        raise WorkbenchError(f"key_sparse must be 'segments' or 'prepass' and value_sparse "
-                             f"'segments' or 'post', got {key_sparse!r}, {value_sparse!r}.")
+    if key_sparse not in ("auto", "segments", "prepass") or \
+            value_sparse not in ("segments", "post"):
+        raise WorkbenchError(f"key_sparse must be 'auto', 'segments' or 'prepass' and "
+                             f"value_sparse 'segments' or 'post', got {key_sparse!r}, "
+                             f"{value_sparse!r}.")
+    key_sparse = p.key_sparse_mode(key_sparse)
     ks_mode = int(key_sparse == "prepass" and has_ks)
     vs_mode = int(value_sparse == "post" and has_vs)
-    if ks_mode and (p.k_tok is None or p.k_tmax is None):
+    if ks_mode and p.k_tok is None:
         raise WorkbenchError("key_sparse='prepass' needs the per-token key offsets "
-                             "(PackedKV.k_tok / k_tmax, from block_csr(..., token_offsets=True)).")
+                             "(PackedKV.k_tok, from block_csr(..., token_offsets=True)).")
     sp = n_blocks * p.block
     dummy_f = torch.zeros(1, dtype=torch.float32, device=q.device)
     rtab = rope_table(p.inv_freq, p.block)
@@ -805,8 +827,8 @@ def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = N
     if ks_mode:
         kc = torch.empty(b * hq, sp, dtype=torch.float32, device=q.device)
         _key_corr_kernel[(b * h, n_blocks)](
-            kc, qc, p.k_ptr, p.k_idx, p.k_val, p.k_tok, p.k_tmax, rtab, ttab, g, n_blocks, sp,
-            D=d, BLOCK_N=p.block, GS=triton.next_power_of_2(g), num_warps=4)
+            kc, qc, p.k_ptr, p.k_idx, p.k_val, p.k_tok, rtab, ttab, g, n_blocks, sp,
+            D=d, BLOCK_N=p.block, GS=triton.next_power_of_2(g), E_CHUNK=e_chunk, num_warps=4)
     s_buf = torch.empty(b * hq, sp, dtype=torch.float32, device=q.device) if vs_mode \
         else dummy_f
     if rotate_queries not in ("loop", "prepass"):

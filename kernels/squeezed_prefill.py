@@ -2,10 +2,10 @@
 centroids and kept keys stream past them (the FlashAttention loop), 64 rows per program (the
 H200's fastest, `ATTN_TUNING` / `KEEP_TUNING`).
 
-Measured on the H200 (benchmarks/results/squeezed_quick_nvidia_h200.json, 128K context, budget
-1/8, 512 user tokens, CUDA graphs): one key set per KV head, lookup included, 0.807 ms vs dense
-SDPA 3.789 ms (4.7x, Llama-2-7B shape) and 0.755 vs 3.764 ms (5.0x, Llama-3-8B shape); the
-context attention alone runs at ~280 TFLOP/s (137 GFLOP in 0.49 ms), about dense SDPA's rate.
+Measured on the H200 (benchmarks/results/squeezed_nvidia_h200.json, 128K context, budget 1/8,
+512 user tokens, CUDA graphs): one key set per KV head, lookup included, 0.782 ms vs dense SDPA
+3.768 ms (4.8x, Llama-2-7B shape) and 0.702 vs 3.770 ms (5.4x, Llama-3-8B shape); the context
+attention alone runs at ~280 TFLOP/s (137 GFLOP in 0.49 ms), about dense SDPA's rate.
 
 prefill_keep(q, centroids, log_sizes, scaling, block_size, threshold) -> keep
     The same flags as `kernels.squeezed_select.centroid_keep` (p_k = mean over a block's rows of

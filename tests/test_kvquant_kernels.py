@@ -69,7 +69,8 @@ def test_decode_variants_match_reference(kv_heads, group, seq, head_dim, frac, d
         packed = reblock(packed, block)
     q = torch.randn(1, kv_heads * group, head_dim, generator=gen).to(DEVICE, dtype)
     o0, lse0 = kvquant_decode_triton(q, packed)
-    for opts in ({"key_sparse": "prepass"}, {"value_sparse": "post"},
+    for opts in ({"key_sparse": "prepass"}, {"key_sparse": "segments"},
+                 {"key_sparse": "segments", "value_sparse": "segments"}, {"value_sparse": "post"},
                  {"key_sparse": "prepass", "value_sparse": "post", "rotate_queries": "prepass"}):
         out = kvquant_decode_attention(q, packed, backend="triton", **opts)
         assert_matches_reference(None, kvquant_decode_reference, (q, packed),
@@ -94,7 +95,6 @@ def test_reblock_and_token_offsets():
         counts = torch.bincount(tok, minlength=64)
         start = p.k_tok[i * 64:(i + 1) * 64].long()
         assert torch.equal(start, torch.cumsum(counts, 0) - counts)
-        assert int(p.k_tmax[i]) == int(counts.max())
     p32 = reblock(p, 32)
     for a, b in zip(dequantize_packed(p), dequantize_packed(p32), strict=True):
         torch.testing.assert_close(a, b)

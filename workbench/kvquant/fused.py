@@ -40,7 +40,7 @@ def pack(qk: Quantized, qv: Quantized, tables: LayerTables, inv_freq: torch.Tens
         tables.key_table.float().to(dev),
         qv.codes, qv.zero, qv.scale, tables.value_table.float().to(dev),
         *k_csr[:3], *v_csr, inv_freq.float().to(dev), float(rope_scale), block,
-        k_tok=k_csr[3], k_tmax=k_csr[4])
+        k_tok=k_csr[3])
 
 
 def _csr_to_flat(ptr, idx, val, p: PackedKV):
@@ -62,7 +62,7 @@ def reblock(p: PackedKV, block: int) -> PackedKV:
                   token_offsets=True)
     v = block_csr(*_csr_to_flat(p.v_ptr, p.v_idx, p.v_val, p), b, h, s, d, block,
                   by_channel=True)
-    return dataclasses.replace(p, k_ptr=k[0], k_idx=k[1], k_val=k[2], k_tok=k[3], k_tmax=k[4],
+    return dataclasses.replace(p, k_ptr=k[0], k_idx=k[1], k_val=k[2], k_tok=k[3],
                                v_ptr=v[0], v_idx=v[1], v_val=v[2], block=block)
 
 
