@@ -9,7 +9,8 @@ KVQuant stores them (`workbench.kvquant.quantize`):
     values  b-bit codes (B, H, S, bits, D/8) uint8, v = table_v[code] * scale_v[b,h,s] + zero_v
     sparse  the outliers and the attention-sink tokens: fp16 deltas added to the dense values,
             as a block-CSR per (batch, kv head): blocks of BLOCK_N tokens, entry = int16
-            (token_in_block * D + d) and fp16 delta; `ptr` (B*H*n_blocks + 1) int32 offsets.
+            (token_in_block * D + d) and fp16 delta; `ptr` (n_blocks*B*H + 1) int32 offsets,
+            block-major (group blk * B*H + b*H + h), so a growing cache appends blocks.
             Key entries are sorted by token within a block, value entries by channel.
     RoPE    applied to the dequantized keys on the fly
 
@@ -120,7 +121,7 @@ class PackedKV:
     v_zero: torch.Tensor        # (B, H, S) float16
     v_scale: torch.Tensor       # (B, H, S) float16
     v_table: torch.Tensor       # (2^bits,) float32
-    k_ptr: torch.Tensor         # (B*H*n_blocks + 1,) int32
+    k_ptr: torch.Tensor         # (n_blocks*B*H + 1,) int32, block-major
     k_idx: torch.Tensor         # (nnz_k,) int16: token_in_block * D + d, by token in a block
     k_val: torch.Tensor         # (nnz_k,) float16
     v_ptr: torch.Tensor
@@ -129,7 +130,7 @@ class PackedKV:
     inv_freq: torch.Tensor      # (D/2,) float32
     rope_scale: float = 1.0     # the rotary embedding's attention scaling (1 for plain RoPE)
     block: int = BLOCK_N
-    k_tok: torch.Tensor | None = None   # (B*H*n_blocks*block,) int16: start of each token's key
+    k_tok: torch.Tensor | None = None   # (n_blocks*B*H*block,) int16: start of each token's key
                                         # entries relative to its block's (the key pre-pass)
 
     @property
@@ -175,10 +176,11 @@ def block_csr(index: torch.Tensor, delta: torch.Tensor, batch: int, heads: int, 
               head_dim: int, block: int = BLOCK_N, by_channel: bool = False,
               token_offsets: bool = False):
     """Token-major COO outliers (flat index ((s * B + b) * H + h) * D + d, as the cache holds
-    them) -> (ptr, idx int16, val fp16) block-CSR per (batch, kv head) over blocks of `block`;
-    entries sorted by token within a block (by channel with `by_channel`). token_offsets (by
-    token only): also tok int16 (B*H*n_blocks*block,), the start of each token's entries
-    relative to its block's."""
+    them) -> (ptr, idx int16, val fp16) block-CSR per (batch, kv head) over blocks of `block`,
+    block-major (entry group blk * B*H + bh: appending tokens appends groups); entries sorted by
+    token within a block (by channel with `by_channel`). token_offsets (by token only): also
+    tok int16 (n_blocks*B*H*block,), the start of each token's entries relative to its
+    group's."""
     if block * head_dim > 32767:
         raise WorkbenchError(f"block {block} x head_dim {head_dim} does not fit the int16 index.")
     idx = index.long()
@@ -186,7 +188,7 @@ def block_csr(index: torch.Tensor, delta: torch.Tensor, batch: int, heads: int, 
     s, rest = idx // bhd, idx % bhd
     bh, d = rest // head_dim, rest % head_dim
     n_blocks = triton_cdiv(seq, block)
-    blk = bh * n_blocks + s // block
+    blk = (s // block) * (batch * heads) + bh
     inner = (d * block + s % block) if by_channel else ((s % block) * head_dim + d)
     order = torch.argsort(blk * (block * head_dim) + inner, stable=True)
     s, bh, d, val, blk = s[order], bh[order], d[order], delta[order].half(), blk[order]
@@ -217,17 +219,21 @@ def _unpack(planes: torch.Tensor) -> torch.Tensor:
     return unpack_codes(planes).long()
 
 
+def csr_entries(ptr: torch.Tensor, idx: torch.Tensor, bh_count: int, head_dim: int,
+                block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each block-CSR entry's (batch x head, token, channel), int64 (E,) each."""
+    counts = (ptr[1:] - ptr[:-1]).long()                          # entries per (block, bh)
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=idx.device), counts)
+    blk, bh = owner // bh_count, owner % bh_count
+    return bh, blk * block + idx.long() // head_dim, idx.long() % head_dim
+
+
 def _scatter_csr(dense: torch.Tensor, ptr, idx, val, block: int) -> torch.Tensor:
     b, h, s, d = dense.shape
-    n_blocks = triton_cdiv(s, block)
     if idx.numel() == 0:
         return dense
-    counts = (ptr[1:] - ptr[:-1]).long()                              # entries per (bh, block)
-    owner = torch.repeat_interleave(torch.arange(len(counts), device=dense.device), counts)
-    bh, blk = owner // n_blocks, owner % n_blocks
-    t = blk * block + idx.long() // d
-    flat = dense.view(b * h, s, d)
-    flat.index_put_((bh, t, idx.long() % d), val.to(dense.dtype), accumulate=True)
+    bh, t, ch = csr_entries(ptr, idx, b * h, d, block)
+    dense.view(b * h, s, d).index_put_((bh, t, ch), val.to(dense.dtype), accumulate=True)
     return dense
 
 
@@ -462,7 +468,7 @@ if HAS_TRITON:
         HALF: tl.constexpr = D // 2
         bh = tl.program_id(0)
         blk = tl.program_id(1)
-        blk_flat = bh * n_blocks + blk
+        blk_flat = blk * tl.num_programs(0) + bh               # block-major CSR groups
         e0 = tl.load(kptr_ptr + blk_flat)
         e1 = tl.load(kptr_ptr + blk_flat + 1)
         n_local = tl.arange(0, BLOCK_N)
@@ -519,8 +525,8 @@ if HAS_TRITON:
         blk_lo = split * tiles_per_split
         blk_hi = tl.minimum(blk_lo + tiles_per_split, n_blocks)
         for blk in range(blk_lo, blk_hi):
-            e0 = tl.load(vptr_ptr + bh * n_blocks + blk)
-            e1 = tl.load(vptr_ptr + bh * n_blocks + blk + 1)
+            e0 = tl.load(vptr_ptr + blk * tl.num_programs(0) + bh)      # block-major
+            e1 = tl.load(vptr_ptr + blk * tl.num_programs(0) + bh + 1)
             for e in range(e0, e1, E_CHUNK):
                 offs_e = e + tl.arange(0, E_CHUNK)
                 e_ok = offs_e < e1
@@ -607,7 +613,7 @@ if HAS_TRITON:
         for tile in range(tiles_per_split):
             blk = split * tiles_per_split + tile
             blk_ok = blk < n_blocks
-            blk_flat = bh * n_blocks + blk
+            blk_flat = blk * tl.num_programs(0) + bh                # block-major CSR groups
             offs_n = blk * BLOCK_N + n_local
             n_ok = offs_n < S
             # the query rotated back by the tile start: q . R(p0 + t) k = (R(p0)^T q) . R(t) k

@@ -123,6 +123,9 @@ def test_code_layout_and_csr_order():
     for by_channel in (False, True):
         ptr, idx, val = block_csr(flat, delta, b, h, s, d, 64, by_channel=by_channel)
         assert int(ptr[-1]) == 200
+        # groups are block-major: group (s // 64) * (B*H) + bh, so appended tokens append groups
+        group = (flat // (b * h * d)) // 64 * (b * h) + (flat // d) % (b * h)
+        assert torch.equal(ptr[1:] - ptr[:-1], torch.bincount(group, minlength=len(ptr) - 1).int())
         for i in range(len(ptr) - 1):
             e = idx[ptr[i]:ptr[i + 1]].long()
             key = (e % d) * 64 + e // d if by_channel else e

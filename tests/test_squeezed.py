@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from workbench.attention_registry import dense_causal
 from workbench.errors import WorkbenchError
 from workbench.squeezed import (
     OracleSelector,
@@ -27,7 +28,6 @@ from workbench.squeezed.lookup import (
     hierarchical_estimates,
     weighted_threshold,
 )
-from workbench.squeezed.registry import dense_causal
 from workbench.squeezed.selectors import budget_keys, top_keys
 
 # --- clustering and lookup on random tensors ---------------------------------------------------
@@ -178,7 +178,7 @@ def test_budget_one_reproduces_dense_logits_and_budget_is_spent(setup):
         assert 0.3 < sq.kept_fraction() < 0.75, sq.kept_fraction()
         assert sq.kept_per_head().shape == (model.config.num_hidden_layers,
                                             model.config.num_key_value_heads)
-    assert model.config._attn_implementation != "workbench_squeezed"       # switched back
+    assert model.config._attn_implementation != "workbench_attention"      # switched back
 
 
 @pytest.mark.parametrize("selector", [

@@ -5,15 +5,19 @@
     calib = load_calibration(model)                 # committed calibration of the embedded model
     cache = KVQuantCache(model, "nuq3-1%", calib)   # packed 3-bit codes + 1% sparse outliers
     model.generate(ids, past_key_values=cache, max_new_tokens=40)
+    with fused_decode(model, cache):                # decode reads the packed codes directly
+        model.generate(ids, past_key_values=cache, max_new_tokens=40)
 
 Files: `methods` (switchable settings, baselines, ablations), `levels` (uniform / NF / k-means
 levels, Q-Norm), `packing` (bit planes), `quantize` (reference quantizers), `anatomy` (model
 parts, RoPE undo/redo), `calibration` (Fisher, ranges, histograms; save/load), `cache` (the
 transformers Cache), `evaluate` (perplexity tables; `python -m workbench.kvquant.evaluate`),
-`fused` (the cache as the fused decode kernel's input).
+`fused` (the cache as the fused decode kernel's input), `attend` (`fused_decode`: the kernel inside
+`model.generate`).
 """
 
 from workbench.kvquant.anatomy import KVGeometry, Rotary, geometry
+from workbench.kvquant.attend import FusedDecode, fused_decode
 from workbench.kvquant.cache import KVQuantCache, KVQuantLayer
 from workbench.kvquant.calibration import Calibration, calibrate
 from workbench.kvquant.evaluate import (
@@ -30,6 +34,7 @@ from workbench.kvquant.quantize import LayerTables, Quantized, dequantize, quant
 
 __all__ = [
     "KVGeometry", "Rotary", "geometry",
+    "FusedDecode", "fused_decode",
     "KVQuantCache", "KVQuantLayer",
     "Calibration", "calibrate",
     "check_targets", "evaluate", "forward_with_cache", "load_calibration", "markdown_table",

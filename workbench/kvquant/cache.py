@@ -45,9 +45,12 @@ class KVQuantLayer(DynamicLayer):
         self.pending_k: torch.Tensor | None = None  # (B, H, p, D) fp16, waiting for a group
         self.fp_k: torch.Tensor | None = None       # fp16 method: plain fp16 storage
         self.fp_v: torch.Tensor | None = None
+        self.growing = None     # GrowingPack while `fused_decode` is on: the kernel's sparse part
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
+        if self.tables is not None:         # calibrations load on the CPU; the cache follows
+            self.tables = self.tables.to(self.device)      # the model's device
         self.keys = torch.tensor([], dtype=key_states.dtype, device=self.device)
         self.values = torch.tensor([], dtype=value_states.dtype, device=self.device)
         self.is_initialized = True
@@ -73,6 +76,7 @@ class KVQuantLayer(DynamicLayer):
             keys = Rotary.undo(keys, *self._cos_sin(start, start + n))
         qv = quantize(value_states, spec, "v", self.tables, start)
         self.qv = qv if self.qv is None else self.qv.append(qv)
+        fused = self.growing is not None
         group = spec.key_token_group
         if group > 1:                                   # KIVI-like: whole groups of tokens only
             pend = keys.half() if self.pending_k is None else torch.cat([self.pending_k,
@@ -86,6 +90,10 @@ class KVQuantLayer(DynamicLayer):
         else:
             qk = quantize(keys, spec, "k", self.tables, start)
             self.qk = qk if self.qk is None else self.qk.append(qk)
+            if fused:
+                self.growing.add(qk, qv)
+                if n == 1:      # decode: the fused kernel reads the packed codes (`packed`)
+                    return key_states, value_states
 
         parts = []
         if self.qk is not None:
@@ -97,6 +105,25 @@ class KVQuantLayer(DynamicLayer):
             k_all = Rotary.apply(k_all, *self._cos_sin(0, self.length))
         v_all = dequantize(self.qv, spec, "v", self.tables)
         return k_all.to(self.dtype), v_all.to(self.dtype)
+
+    def start_fused(self) -> None:
+        """Keep the kernel's view of this layer up to date from now on (`packed`)."""
+        from workbench.kvquant.fused import GrowingPack
+
+        rot = self.rotary.module
+        self.growing = GrowingPack(self.tables, rot.inv_freq,
+                                   float(getattr(rot, "attention_scaling", 1.0)))
+        if self.qk is not None:
+            self.growing.add(self.qk, self.qv)
+
+    def stop_fused(self) -> None:
+        self.growing = None
+
+    def packed(self):
+        """The fused decode kernel's `PackedKV` of every cached token (after `start_fused`)."""
+        if self.growing is None or self.qk is None:
+            raise WorkbenchError("packed() needs a filled layer inside `fused_decode`.")
+        return self.growing.packed(self.qk, self.qv)
 
     def get_seq_length(self, *args) -> int:
         return self.length
@@ -117,6 +144,8 @@ class KVQuantLayer(DynamicLayer):
         self.length, self.qk, self.qv = 0, None, None
         self.pending_k = self.fp_k = self.fp_v = None
         self.is_initialized = False
+        if self.growing is not None:
+            self.start_fused()
 
     def crop(self, tokens_to_remove: int) -> None:
         raise WorkbenchError("KVQuantCache cannot be cropped (assisted generation / speculative "
@@ -132,6 +161,8 @@ class KVQuantLayer(DynamicLayer):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t[index.to(t.device)])
+        if self.growing is not None:        # rows changed: re-sort the sparse part once
+            self.start_fused()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.length:

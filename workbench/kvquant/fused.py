@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.kvquant_decode import BLOCK_N, PackedKV, block_csr
+from kernels.kvquant_decode import BLOCK_N, PackedKV, block_csr, csr_entries
 from workbench.errors import WorkbenchError
 from workbench.kvquant.levels import nf_levels
 from workbench.kvquant.methods import QuantSpec, method
@@ -22,19 +22,22 @@ from workbench.kvquant.quantize import LayerTables, Quantized, quantize
 
 
 def pack(qk: Quantized, qv: Quantized, tables: LayerTables, inv_freq: torch.Tensor,
-         rope_scale: float = 1.0, block: int = BLOCK_N) -> PackedKV:
+         rope_scale: float = 1.0, block: int = BLOCK_N, csr=None) -> PackedKV:
     """A `PackedKV` from quantized pre-RoPE keys (calibrated per-channel ranges) and values;
-    `block` tokens per block of the sparse part (the kernel's tile: 64, or 32)."""
+    `block` tokens per block of the sparse part (the kernel's tile: 64, or 32). csr: the
+    sparse part's (key, value) block-CSR when already built (`GrowingPack`)."""
     if qk.zero is not None or tables.key_lo is None:
         raise WorkbenchError("The fused kernel takes pre-RoPE keys with calibrated per-channel "
                              "ranges (KVQuant's nuq methods), not per-token or grouped keys.")
     b, h, s, d = qk.batch, qk.heads, qk.seq_len, qk.head_dim
     lo, hi = tables.key_lo.float(), tables.key_hi.float()
     dev = qk.codes.device
-    k_csr = block_csr(qk.outlier_index, qk.outlier_delta, b, h, s, d, block,
-                      token_offsets=True)
-    v_csr = block_csr(qv.outlier_index, qv.outlier_delta, b, h, s, d, block,
-                      by_channel=True)
+    if csr is None:
+        csr = (block_csr(qk.outlier_index, qk.outlier_delta, b, h, s, d, block,
+                         token_offsets=True),
+               block_csr(qv.outlier_index, qv.outlier_delta, b, h, s, d, block,
+                         by_channel=True))
+    k_csr, v_csr = csr
     return PackedKV(
         qk.codes, ((hi + lo) / 2).to(dev), ((hi - lo) / 2).clamp_min(1e-6).to(dev),
         tables.key_table.float().to(dev),
@@ -43,14 +46,80 @@ def pack(qk: Quantized, qv: Quantized, tables: LayerTables, inv_freq: torch.Tens
         k_tok=k_csr[3])
 
 
+class GrowingPack:
+    """The sparse part of a growing KVQuant layer in the kernel's block-CSR, kept up to date as
+    tokens arrive: blocks that are full are sorted once and frozen (the CSR is block-major, so
+    they only append), and only the open last block is re-sorted per call. Feed it every
+    appended chunk (`add`); `packed(qk, qv)` is then `pack(qk, qv, ...)` without re-sorting the
+    whole cache's outliers each decode step."""
+
+    def __init__(self, tables: LayerTables, inv_freq: torch.Tensor, rope_scale: float = 1.0,
+                 block: int = BLOCK_N):
+        self.tables, self.inv_freq, self.rope_scale, self.block = (tables, inv_freq,
+                                                                   rope_scale, block)
+        self.frozen_blocks = 0
+        self.frozen: list | None = None             # [key csr, value csr] of the full blocks
+        self.pending: list | None = None            # [(index, delta) keys, values], later tokens
+
+    def add(self, qk: Quantized, qv: Quantized) -> None:
+        """Record the outliers of newly appended tokens (or of a whole layer, at the start)."""
+        new = [(qk.outlier_index, qk.outlier_delta), (qv.outlier_index, qv.outlier_delta)]
+        if self.pending is None:
+            self.pending = new
+        else:
+            self.pending = [(torch.cat([i0, i1]), torch.cat([d0, d1]))
+                            for (i0, d0), (i1, d1) in zip(self.pending, new, strict=True)]
+
+    def _csr(self, entries, t0: int, n_tok: int, shape, keys: bool):
+        """Block-CSR of `entries` (flat token-major index, delta) for tokens [t0, t0 + n_tok)."""
+        b, h, d = shape
+        index, delta = entries
+        local = index.long() - t0 * b * h * d
+        return block_csr(local, delta, b, h, n_tok, d, self.block, token_offsets=keys,
+                         by_channel=not keys)
+
+    @staticmethod
+    def _cat(first, second):
+        """Two block-CSRs of consecutive token ranges -> one (ptr offsets shifted)."""
+        if first is None:
+            return second
+        ptr = torch.cat([first[0][:-1], second[0] + first[0][-1]])
+        return (ptr, *(torch.cat([a, b]) for a, b in zip(first[1:], second[1:], strict=True)))
+
+    def packed(self, qk: Quantized, qv: Quantized) -> PackedKV:
+        """The kernel's `PackedKV` of the layer whose chunks were added: qk, qv its whole
+        quantized keys and values (codes and ranges are used as they are)."""
+        b, h, s, d = qk.batch, qk.heads, qk.seq_len, qk.head_dim
+        shape, blk = (b, h, d), self.block
+        full = s // blk
+        csr = []
+        for kind, keys in ((0, True), (1, False)):
+            index, delta = self.pending[kind]
+            tok = index.long() // (b * h * d)
+            if full > self.frozen_blocks:                     # freeze the blocks now full
+                done = tok < full * blk
+                t0 = self.frozen_blocks * blk
+                part = self._csr((index[done], delta[done]), t0, full * blk - t0, shape, keys)
+                if self.frozen is None:
+                    self.frozen = [None, None]
+                self.frozen[kind] = self._cat(self.frozen[kind], part)
+                index, delta, tok = index[~done], delta[~done], tok[~done]
+                self.pending[kind] = (index, delta)
+            tail = self._csr((index, delta), full * blk, s - full * blk, shape, keys) \
+                if s > full * blk else None
+            head = self.frozen[kind] if self.frozen is not None else None
+            both = self._cat(head, tail) if tail is not None else head
+            if both is None:                                  # no tokens yet
+                both = self._csr((index, delta), 0, 0, shape, keys)
+            csr.append(both)
+        self.frozen_blocks = full
+        return pack(qk, qv, self.tables, self.inv_freq, self.rope_scale, blk, csr=tuple(csr))
+
+
 def _csr_to_flat(ptr, idx, val, p: PackedKV):
     b, h, s, d, _ = p.shape
-    n_blocks = (s + p.block - 1) // p.block
-    counts = (ptr[1:] - ptr[:-1]).long()
-    owner = torch.repeat_interleave(torch.arange(len(counts), device=idx.device), counts)
-    bh, blk = owner // n_blocks, owner % n_blocks
-    t = blk * p.block + idx.long() // d
-    return ((t * b + bh // h) * h + bh % h) * d + idx.long() % d, val
+    bh, t, ch = csr_entries(ptr, idx, b * h, d, p.block)
+    return ((t * b + bh // h) * h + bh % h) * d + ch, val
 
 
 def reblock(p: PackedKV, block: int) -> PackedKV:

@@ -44,6 +44,12 @@ class LayerTables:
     value_tails: tuple[int, int] | None = None  # per-token value outliers (smallest, largest)
     #                                            allocated by calibration; None: f/2 per tail
 
+    def to(self, device) -> LayerTables:
+        """The same tables with every tensor on `device` (a cache on a GPU)."""
+        def move(t):
+            return t.to(device) if isinstance(t, torch.Tensor) else t
+        return LayerTables(**{k: move(v) for k, v in self.__dict__.items()})
+
 
 @dataclass
 class Quantized:

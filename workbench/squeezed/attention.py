@@ -28,11 +28,11 @@ from contextlib import contextmanager
 import torch
 
 from kernels.lse_merge import merge_attention_partials
+from workbench.attention_registry import attention_state, dense_causal
 from workbench.errors import WorkbenchError
 from workbench.squeezed.capture import max_positions
 from workbench.squeezed.index import SqueezedIndex
 from workbench.squeezed.lookup import block_count
-from workbench.squeezed.registry import attention_state, dense_causal
 from workbench.squeezed.selectors import DEVICE_ALLOCATIONS, Selector, SqueezedSelector
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from workbench.attention_registry import attention_state, dense_causal
 from workbench.errors import WorkbenchError
-from workbench.squeezed.registry import attention_state, dense_causal
 
 
 @dataclass

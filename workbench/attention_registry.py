@@ -1,5 +1,5 @@
-"""The one attention function the squeezed package registers with transformers, and how a model
-is switched to it and back.
+"""The one attention function workbench registers with transformers, and how a model is switched
+to it and back (squeezed attention and KVQuant's fused decode both attach this way).
 
     with attention_state(model, state):      # state.attend(layer, q, k, v, scaling) -> out
         model(ids)                           # every attention layer calls state.attend
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from workbench.errors import WorkbenchError
 
-NAME = "workbench_squeezed"
+NAME = "workbench_attention"
 _STATES: dict[int, object] = {}
 _REGISTERED = False
 
@@ -83,11 +83,12 @@ def attention_state(model, state):
     """Route every attention layer of `model` through `state.attend` inside the block."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
-        raise WorkbenchError("squeezed attention needs a Hugging Face transformers model (one "
-                             "with .config); load one with workbench.models.load_model().")
+        raise WorkbenchError("This needs a Hugging Face transformers model (one with .config); "
+                             "load one with workbench.models.load_model().")
     if id(config) in _STATES:
-        raise WorkbenchError("This model already runs a squeezed-attention state; leave that "
-                             "`with` block before entering another.")
+        raise WorkbenchError(f"This model already runs a workbench attention state "
+                             f"({type(_STATES[id(config)]).__name__}); leave that `with` block "
+                             f"before entering another.")
     previous = config._attn_implementation or "sdpa"
     _set_implementation(model, register())
     _STATES[id(config)] = state

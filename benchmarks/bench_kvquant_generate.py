@@ -1,0 +1,105 @@
+"""KVQuant's cache inside `model.generate` on a GPU: decode through the fused kernel
+(`workbench.kvquant.fused_decode`) vs the cache's dequantize-every-step path vs the plain
+bf16 DynamicCache, on the embedded model's architecture with random bf16 weights (the GPU
+machine has no model files; weights do not change the work per token).
+
+    python3 -m benchmarks.bench_kvquant_generate --out DIR      # GPU: DIR/kvquant_generate_h200.json
+
+Per prompt length: ms per generated token (generate of 1 + N new tokens minus generate of 1,
+over N; median of 3), and how many of the N greedy tokens the fused path shares with the
+dequantize path (random weights make near-ties, so a flip or two is rounding, not a bug).
+The calibration is made on the spot from random token ids (a smoke calibration, for timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import write_results  # noqa: E402
+
+
+def gen_time(model, prompt, new: int, cache_fn, context=None) -> tuple[float, torch.Tensor]:
+    """Seconds of model.generate(prompt, new tokens) with a fresh cache_fn() cache."""
+    import contextlib
+
+    cache = cache_fn()
+    ctx = context(cache) if context else contextlib.nullcontext()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.no_grad(), ctx:
+        out = model.generate(prompt, past_key_values=cache, max_new_tokens=new,
+                             min_new_tokens=new, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--contexts", default="1024,4096")
+    parser.add_argument("--new", type=int, default=32)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kvquant_generate needs a CUDA GPU.")
+    from transformers import DynamicCache
+
+    from workbench.compiler.benchmark import random_weights_backend
+    from workbench.kvquant import KVQuantCache, calibrate, fused_decode
+
+    chat = random_weights_backend(ROOT / ".gpu" / "smollm2")
+    model = chat.model
+    gen = torch.Generator().manual_seed(0)
+    calib_ids = torch.randint(100, 40000, (4, 512), generator=gen).cuda()
+    t = time.perf_counter()
+    calib = calibrate(model, ids=calib_ids, progress=False, batch_size=2)
+    print(f"calibration {time.perf_counter() - t:.1f} s", flush=True)
+    modes = {
+        "bf16 DynamicCache": (lambda: DynamicCache(config=model.config), None),
+        "nuq3-1% dequantize path": (lambda: KVQuantCache(model, "nuq3-1%", calib), None),
+        "nuq3-1% fused decode": (lambda: KVQuantCache(model, "nuq3-1%", calib),
+                                 lambda c: fused_decode(model, c)),
+    }
+    rows = []
+    for n_ctx in [int(c) for c in args.contexts.split(",")]:
+        prompt = torch.randint(100, 40000, (1, n_ctx), generator=gen).cuda()
+        outs = {}
+        for name, (make, ctx) in modes.items():
+            try:
+                gen_time(model, prompt, 2, make, ctx)                       # warm-up
+                per = []
+                for _ in range(3):
+                    t1, _ = gen_time(model, prompt, 1, make, ctx)
+                    tn, out = gen_time(model, prompt, 1 + args.new, make, ctx)
+                    per.append((tn - t1) / args.new * 1e3)
+                outs[name] = out[0, n_ctx:]
+                ms = statistics.median(per)
+                print(f"{n_ctx:6d} {name:28s} {ms:8.2f} ms/token", flush=True)
+                rows.append({"name": f"SmolLM2-135M arch, prompt {n_ctx}", "impl": name,
+                             "median_ms": ms, "unit": "ms per generated token",
+                             "shape": {"prompt": n_ctx, "new_tokens": args.new, "batch": 1},
+                             "dtype": "bfloat16"})
+            except Exception as err:  # record and go on
+                print(f"{n_ctx} {name}: {type(err).__name__}: {str(err)[:400]}", flush=True)
+        if "nuq3-1% fused decode" in outs and "nuq3-1% dequantize path" in outs:
+            a, b = outs["nuq3-1% fused decode"], outs["nuq3-1% dequantize path"]
+            same = int((a == b).sum())
+            print(f"{n_ctx}: fused vs dequantize path: {same}/{len(a)} tokens equal", flush=True)
+            rows[-1]["tokens_equal_to_dequantize_path"] = f"{same}/{len(a)}"
+    path = write_results("kvquant_generate_h200", rows, device="cuda", out_dir=args.out,
+                         meta={"model": "SmolLM2-135M-Instruct architecture, random bf16 "
+                                        "weights; calibration from random ids (smoke)",
+                               "timing": "(generate 1 + N) - (generate 1), over N; median of 3"})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
