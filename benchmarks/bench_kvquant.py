@@ -9,16 +9,18 @@ For each attention shape (Llama-2-7B: 32 x 128 heads; Llama-3-8B: 32 q / 8 kv he
 - the fused kernel (`kernels.kvquant_decode`) over a packed cache quantized from random
   tensors with a few large channels (nuq3 with 1% dense-and-sparse and the first token
   exact, nuq3 without sparse part; nuq2/4 with --all-bits), for the launch settings in
-  SETTINGS (the current default first, then the variants: the sparse part inside the tile loop, more splits, queries rotated by a pre-pass, tiles of 32 tokens
-  with 2 warps; the best correct one is reported, all are in the JSON with their max error);
+  SETTINGS (the current default first, then the variants: the sparse part inside the tile
+  loop, more splits, queries rotated by a pre-pass, tiles of 32 tokens with 2 warps, scores
+  and value product by fp32 FMAs (one query head per KV head); the best correct one is
+  reported, all are in the JSON with their max error);
 - correctness: the kernel against the float64 reference on the same packed cache, by the
   flash-attention rule in `kernels.testing` (bf16 queries), and the pack kernel against its
   reference (codes equal, residual close);
 - bytes: what the kernel reads at least once (codes, ranges, sparse part, its cos/sin tables,
   the separate passes' buffers: `PackedKV.kernel_bytes` of the reported setting) vs
   2 * S * H * D * 2 dense bytes; achieved GB/s = bytes / median time.
-Next H200 run (128K only, up to 7 settings per case, under the 250 s budget; --profile adds
-torch.profiler kernel times of the default and the best setting):
+Next H200 run (128K only; 5 settings per case, 8 for the Llama-2 shape, under the 250 s
+budget; --profile adds torch.profiler kernel times of the default and the best setting):
     python3 -m benchmarks.bench_kvquant --contexts 131072 --profile
 Random tensors: speed and shape only; accuracy is measured with the real model on CPU.
 """
@@ -76,6 +78,10 @@ SETTINGS = (
                                                   **_PASSES}),
     ("passes+qrot block=32 maxnreg=168", 32, 2,
      {**_B, "num_stages": 3, **_PASSES, **_QROT, "max_registers": 168}),
+    ("fma scores", 64, 2, {**_B, "num_stages": 3, **_PASSES, "score_math": "fma"}),
+    ("fma scores block=32", 32, 2, {**_B, "num_stages": 3, **_PASSES, "score_math": "fma"}),
+    ("fma scores block=32 splits*2", 32, 4, {**_B, "num_stages": 3, **_PASSES,
+                                             "score_math": "fma"}),
 )
 _SPARSE_ONLY = ("key_sparse", "value_sparse")
 
@@ -188,6 +194,8 @@ def main(argv=None):
                     truth = kvquant_decode_reference(q.double(), packed)
                     by_block = {64: packed}
                     for label, block, mult, opts in SETTINGS:
+                        if opts.get("score_math") == "fma" and hq != hkv:
+                            continue           # fma scores: one query head per KV head only
                         if frac == 0:          # no sparse part: its options do nothing
                             opts = {k: v for k, v in opts.items() if k not in _SPARSE_ONLY}
                             label = label.replace("passes+", "")

@@ -69,7 +69,14 @@ tests; benchmarks/bench_kvquant.py times them all next to the default):
   (B*Hq, n_blocks, D) in the math dtype, so the loop loads them instead of holding the fp32
   query halves and rotating them per tile and warp (not faster on the H200);
 - tiles of 32 tokens: `workbench.kvquant.fused.reblock(packed, 32)` (the tile is the sparse
-  part's block).
+  part's block);
+- score_math="fma" (one query head per KV head, e.g. Llama-2): scores and the value product by
+  fp32 FMAs in registers (row sums of q * k; one accumulator row per token of the tile, summed
+  after the loop, rescaled only when the running max grows) instead of tensor-core dots on
+  15-of-16 padding rows whose operands go through shared memory. Local sm_90 SASS (Triton 3.9,
+  nuq3-1% with both sparse passes, D=128): no shared-memory operands or HMMA; 64-token tiles
+  250 registers and 1077 loop instructions per tile (the dot path: 220 / 938), 32-token tiles
+  167 registers (3 blocks per SM) and 645 per tile. Not yet timed on a GPU.
 Why the separate passes: with the sparse part in the loop the tile loop holds inner loops
 (the entry chunks), and Triton's pipeliner then does not stage it (18 KB of shared memory
 instead of 31 KB, num_stages has no effect), besides the histogram/prefix-sum barriers.
@@ -571,7 +578,7 @@ if HAS_TRITON:
         BITS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
         GS: tl.constexpr, E_CHUNK: tl.constexpr, HAS_KS: tl.constexpr, HAS_VS: tl.constexpr,
         HALF_MATH: tl.constexpr, USE_ASM: tl.constexpr, KS_MODE: tl.constexpr = 0,
-        VS_MODE: tl.constexpr = 0, QROT: tl.constexpr = 0,
+        VS_MODE: tl.constexpr = 0, QROT: tl.constexpr = 0, FMA: tl.constexpr = 0,
     ):
         # KS_MODE 0: key outliers by segment sums in the loop; 1: their score corrections
         # precomputed by _key_corr_kernel, loaded per tile. VS_MODE 0: value outliers by
@@ -579,6 +586,11 @@ if HAS_TRITON:
         # Modes 1 keep the dense loop free of inner loops (the pipeliner then stages it).
         # QROT 1: the per-tile rotated queries come from _qrot_kernel (loaded, not computed:
         # no fp32 query halves and cos/sin in the dot operand layout across the loop).
+        # FMA 1 (one query row per KV head, BLOCK_G = GS = 1): scores and the value product
+        # by fp32 FMAs in registers instead of tensor-core dots, whose operands go through
+        # shared memory: s = row sums of q * k; the accumulator keeps one row per token of
+        # the tile (BLOCK_N, D/2) x 2, rescaled only when the running max grows, and is summed
+        # over its rows once, after the loop.
         # HALF_MATH: dequantization, RoPE and the tensor-core operands in fp16 (16-bit queries;
         # bf16 queries are converted: keys, values and probabilities fit fp16's range, and it
         # has 3 more mantissa bits); else float32 throughout. Softmax and accumulation: fp32.
@@ -608,8 +620,9 @@ if HAS_TRITON:
 
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc1 = tl.zeros([BLOCK_G, HALF], tl.float32)
-        acc2 = tl.zeros([BLOCK_G, HALF], tl.float32)
+        ACC_ROWS: tl.constexpr = BLOCK_N if FMA else BLOCK_G
+        acc1 = tl.zeros([ACC_ROWS, HALF], tl.float32)
+        acc2 = tl.zeros([ACC_ROWS, HALF], tl.float32)
         for tile in range(tiles_per_split):
             blk = split * tiles_per_split + tile
             blk_ok = blk < n_blocks
@@ -643,8 +656,12 @@ if HAS_TRITON:
             k2 = k2 * ks2[None, :] + kz2[None, :]
             kr1 = k1 * ct - k2 * st
             kr2 = k2 * ct + k1 * st
-            s = tl.dot(qa, tl.trans(kr1), input_precision=PREC)
-            s = tl.dot(qb, tl.trans(kr2), s, input_precision=PREC)   # (BLOCK_G, BLOCK_N)
+            if FMA:
+                s = tl.sum(qa.to(tl.float32) * kr1.to(tl.float32)
+                           + qb.to(tl.float32) * kr2.to(tl.float32), axis=1)[None, :]
+            else:
+                s = tl.dot(qa, tl.trans(kr1), input_precision=PREC)
+                s = tl.dot(qb, tl.trans(kr2), s, input_precision=PREC)   # (BLOCK_G, BLOCK_N)
             if HAS_KS and KS_MODE == 1:
                 if GS == 1:
                     s += tl.load(kc_ptr + (bh * G).to(tl.int64) * SP + offs_n, mask=n_ok,
@@ -678,16 +695,31 @@ if HAS_TRITON:
                              USE_ASM)
             v1 = v1 * vs[:, None] + vz[:, None]
             v2 = v2 * vs[:, None] + vz[:, None]
-            pc = p.to(MATH)
-            acc1 = tl.dot(pc, v1, acc1 * alpha[:, None], input_precision=PREC)
-            acc2 = tl.dot(pc, v2, acc2 * alpha[:, None], input_precision=PREC)
+            if FMA:
+                if tl.max(m_new - m_i, axis=0) > 0:          # the max grew: rescale the rows
+                    acc1 = acc1 * alpha[:, None]
+                    acc2 = acc2 * alpha[:, None]
+                pt = tl.reshape(p, [BLOCK_N])[:, None]                  # (BLOCK_N, 1)
+                acc1 += pt * v1.to(tl.float32)
+                acc2 += pt * v2.to(tl.float32)
+            else:
+                pc = p.to(MATH)
+                acc1 = tl.dot(pc, v1, acc1 * alpha[:, None], input_precision=PREC)
+                acc2 = tl.dot(pc, v2, acc2 * alpha[:, None], input_precision=PREC)
             if HAS_VS and VS_MODE == 0:
                 cv = _value_sparse(p, vptr_ptr, vidx_ptr, vval_ptr, blk_flat, blk_ok, D,
                                    BLOCK_G, GS, E_CHUNK)                 # (GS, D)
                 cv1, cv2 = tl.split(tl.permute(tl.reshape(cv, [GS, 2, HALF]), (0, 2, 1)))
-                acc1 += _rows(cv1, GS, BLOCK_G)
-                acc2 += _rows(cv2, GS, BLOCK_G)
+                if FMA:                                 # into one row of the token rows
+                    acc1 += tl.where(n_local[:, None] == 0, cv1, 0.0)
+                    acc2 += tl.where(n_local[:, None] == 0, cv2, 0.0)
+                else:
+                    acc1 += _rows(cv1, GS, BLOCK_G)
+                    acc2 += _rows(cv2, GS, BLOCK_G)
             m_i = m_new
+        if FMA:
+            acc1 = tl.sum(acc1, axis=0)[None, :]                       # (1, D/2)
+            acc2 = tl.sum(acc2, axis=0)[None, :]
 
         offs_g = tl.arange(0, BLOCK_G)
         g_ok = offs_g < G
@@ -777,7 +809,7 @@ def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = N
                           num_warps: int = 4, num_stages: int = 3, use_asm: bool | None = None,
                           e_chunk: int = 128, max_registers: int | None = None,
                           key_sparse: str = "auto", value_sparse: str = "post",
-                          rotate_queries: str = "loop"):
+                          rotate_queries: str = "loop", score_math: str = "dot"):
     """Launch the kernel: q (B, Hq, D) -> partial outputs (B, Hq, n_splits, D) float32 and
     lses (B, Hq, n_splits) float32 (natural log). use_asm: levels by PTX byte permutes (default
     on a GPU for 2- and 3-bit codes and 16-bit queries) or by the plain-Triton fallback.
@@ -794,10 +826,16 @@ def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = N
     nuq3-1%, 1.26 vs 1.50 ms (Llama-2 shape) and 0.43 vs 0.54 ms (Llama-3 shape).
     rotate_queries: "loop" (each tile rotates the query by its start, the default) or
     "prepass" (a separate kernel writes the rotated queries, (B*Hq, n_blocks, D) in the math
-    dtype; the loop loads them; not faster on the H200)."""
+    dtype; the loop loads them; not faster on the H200). score_math: "dot" (scores and the
+    value product on the tensor cores, query rows padded to 16) or "fma" (one query head per
+    KV head only: fp32 FMAs in registers, no shared-memory operands; not yet timed on a GPU)."""
     b, h, s, d, bits = p.shape
     hq = q.shape[1]
     g = hq // h
+    if score_math not in ("dot", "fma") or (score_math == "fma" and g != 1):
+        raise WorkbenchError(f"score_math must be 'dot' or 'fma' ('fma' for one query head per "
+                             f"KV head), got {score_math!r} with {g} query heads per KV head.")
+    fma = score_math == "fma"
     n_blocks = triton_cdiv(s, p.block)
     interpreted = is_interpreted(_kvq_decode_kernel)
     if n_splits is None:
@@ -863,11 +901,12 @@ def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = N
         p.v_ptr, p.v_idx if has_vs else dummy_i, p.v_val if has_vs else dummy_v,
         rtab, ttab, kc, s_buf, qr,
         s, h, g, n_blocks, n_splits, tiles_per_split, qk_scale, sp,
-        BITS=bits, D=d, BLOCK_N=p.block, BLOCK_G=max(16, gs), GS=gs, E_CHUNK=e_chunk,
+        BITS=bits, D=d, BLOCK_N=p.block, BLOCK_G=1 if fma else max(16, gs), GS=gs,
+        E_CHUNK=e_chunk,
         HAS_KS=has_ks, HAS_VS=has_vs, HALF_MATH=half_math, USE_ASM=bool(use_asm),
         num_warps=num_warps, num_stages=num_stages,
         **({"KS_MODE": 1} if ks_mode else {}), **({"VS_MODE": 1} if vs_mode else {}),
-        **({"QROT": 1} if qrot else {}),
+        **({"QROT": 1} if qrot else {}), **({"FMA": 1} if fma else {}),
         **({"maxnreg": int(max_registers)} if max_registers and not interpreted else {}),
     )
     if vs_mode:

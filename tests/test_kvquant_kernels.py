@@ -54,6 +54,7 @@ def test_decode_kernel_matches_reference(kv_heads, group, seq, head_dim, bits, f
     (2, 3, 150, 64, 0.03, torch.float16, 64),     # GQA, 3 tiles, 2 splits
     (1, 1, 70, 32, 0.05, torch.bfloat16, 32),     # MHA, tiles of 32, a partial tile
     (2, 2, 40, 32, 0.0, torch.float32, 32),       # no sparse part, float32 math
+    (2, 1, 300, 128, 0.02, torch.float16, 64),    # MHA (fma scores), 5 tiles, head_dim 128
 ])
 def test_decode_variants_match_reference(kv_heads, group, seq, head_dim, frac, dtype, block):
     """The launch variants (sparse part in separate passes, queries rotated by a pre-pass,
@@ -71,7 +72,10 @@ def test_decode_variants_match_reference(kv_heads, group, seq, head_dim, frac, d
     o0, lse0 = kvquant_decode_triton(q, packed)
     for opts in ({"key_sparse": "prepass"}, {"key_sparse": "segments"},
                  {"key_sparse": "segments", "value_sparse": "segments"}, {"value_sparse": "post"},
-                 {"key_sparse": "prepass", "value_sparse": "post", "rotate_queries": "prepass"}):
+                 {"key_sparse": "prepass", "value_sparse": "post", "rotate_queries": "prepass"},
+                 *([{"score_math": "fma"}, {"score_math": "fma", "key_sparse": "segments",
+                                             "value_sparse": "segments"},
+                    {"score_math": "fma", "rotate_queries": "prepass"}] if group == 1 else [])):
         out = kvquant_decode_attention(q, packed, backend="triton", **opts)
         assert_matches_reference(None, kvquant_decode_reference, (q, packed),
                                  kernel_out=(out,), context=f"{opts} (seed {seed})")
@@ -80,6 +84,9 @@ def test_decode_variants_match_reference(kv_heads, group, seq, head_dim, frac, d
         torch.testing.assert_close(o, o0, rtol=1e-3, atol=1e-3)
     with pytest.raises(WorkbenchError, match="key_sparse"):
         kvquant_decode_triton(q, packed, key_sparse="dense")
+    if group > 1:
+        with pytest.raises(WorkbenchError, match="score_math"):
+            kvquant_decode_triton(q, packed, score_math="fma")
 
 
 def test_reblock_and_token_offsets():
