@@ -5,8 +5,10 @@ machine has no model files; weights do not change the work per token).
 
     python3 -m benchmarks.bench_kvquant_generate --out DIR      # GPU: DIR/kvquant_generate_h200.json
 
-Per prompt length: ms per generated token (generate of 1 + N new tokens minus generate of 1,
-over N; median of 3), and how many of the N greedy tokens the fused path shares with the
+Modes: bf16 DynamicCache; KVQuantCache (nuq3-1%) dequantizing every step; the same inside
+`fused_decode`; and that with the quantize-and-pack kernel for appended tokens
+(append_backend="triton"). Per prompt length: ms per generated token (generate of 1 + N new
+tokens minus generate of 1, over N; median of 3), and how many of the N greedy tokens the fused path shares with the
 dequantize path (random weights make near-ties, so a flip or two is rounding, not a bug).
 The calibration is made on the spot from random token ids (a smoke calibration, for timing).
 """
@@ -67,6 +69,9 @@ def main(argv=None):
         "nuq3-1% dequantize path": (lambda: KVQuantCache(model, "nuq3-1%", calib), None),
         "nuq3-1% fused decode": (lambda: KVQuantCache(model, "nuq3-1%", calib),
                                  lambda c: fused_decode(model, c)),
+        "nuq3-1% fused decode + kernel append": (
+            lambda: KVQuantCache(model, "nuq3-1%", calib, append_backend="triton"),
+            lambda c: fused_decode(model, c)),
     }
     rows = []
     for n_ctx in [int(c) for c in args.contexts.split(",")]:
@@ -89,11 +94,14 @@ def main(argv=None):
                              "dtype": "bfloat16"})
             except Exception as err:  # record and go on
                 print(f"{n_ctx} {name}: {type(err).__name__}: {str(err)[:400]}", flush=True)
-        if "nuq3-1% fused decode" in outs and "nuq3-1% dequantize path" in outs:
-            a, b = outs["nuq3-1% fused decode"], outs["nuq3-1% dequantize path"]
-            same = int((a == b).sum())
-            print(f"{n_ctx}: fused vs dequantize path: {same}/{len(a)} tokens equal", flush=True)
-            rows[-1]["tokens_equal_to_dequantize_path"] = f"{same}/{len(a)}"
+        for row in rows[-len(outs):]:
+            name = row["impl"]
+            if name.startswith("nuq3-1% fused") and "nuq3-1% dequantize path" in outs:
+                a, b = outs[name], outs["nuq3-1% dequantize path"]
+                same = int((a == b).sum())
+                print(f"{n_ctx}: {name} vs dequantize path: {same}/{len(a)} tokens equal",
+                      flush=True)
+                row["tokens_equal_to_dequantize_path"] = f"{same}/{len(a)}"
     path = write_results("kvquant_generate_h200", rows, device="cuda", out_dir=args.out,
                          meta={"model": "SmolLM2-135M-Instruct architecture, random bf16 "
                                         "weights; calibration from random ids (smoke)",

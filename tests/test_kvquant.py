@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kernels.kvquant_decode import _kvq_decode_kernel
+from kernels.kvquant_pack import _kvq_pack_kernel
 from kernels.testing import fresh_seed
 from kernels.testing import needs_triton as needs_triton_for
 from workbench.errors import WorkbenchError
@@ -412,6 +413,54 @@ def test_fused_decode_errors(model_tok, calib):
     cache = KVQuantCache(model, "nuq3-1%", calib)
     with pytest.raises(WorkbenchError, match="packed"):
         cache.layers[0].packed()
+
+
+@needs_triton_for(_kvq_pack_kernel)
+@pytest.mark.parametrize("name,kind,start,tails", [
+    ("nuq3-1%", "k", 0, None), ("nuq3-1%", "v", 0, None), ("nuq3-1%", "v", 7, (2, 1)),
+    ("nuq2", "k", 0, None), ("atom-4", "k", 3, None), ("nuq4-1%", "v", 0, None),
+])
+def test_quantize_appended_matches_reference(name, kind, start, tails):
+    """The quantize-and-pack kernel path (interpreter here) gives the reference's codes, ranges
+    and outliers exactly: calibrated per-channel keys, per-token keys and values, sinks."""
+    from workbench.kvquant.append import quantize_appended
+
+    gen = torch.Generator().manual_seed(fresh_seed())
+    b, h, n, d = 2, 3, 5, 64
+    x = torch.randn(b, h, n, d, generator=gen) * (1 + 3 * (torch.rand(d, generator=gen) > 0.9))
+    spec = method(name)
+    if name.startswith("atom"):
+        spec = replace(spec, outlier_fraction=0.02)
+    lv = nf_levels(spec.bits)
+    tables = LayerTables(lv, lv, lv, lv * 0.98, x.amin((0, 2)) * 0.7, x.amax((0, 2)) * 0.7,
+                         value_tails=tails)
+    want = quantize(x, spec, kind, tables, start)
+    got = quantize_appended(x, spec, kind, tables, start, backend="triton")
+    assert torch.equal(got.codes, want.codes)
+    for a, b_ in ((got.zero, want.zero), (got.scale, want.scale)):
+        assert (a is None and b_ is None) or torch.equal(a, b_)
+    order_g, order_w = got.outlier_index.argsort(), want.outlier_index.argsort()
+    assert torch.equal(got.outlier_index[order_g], want.outlier_index[order_w])
+    assert torch.equal(got.outlier_delta[order_g], want.outlier_delta[order_w])
+    assert want.outlier_index.numel() > 0 or spec.outlier_fraction == 0
+
+
+@needs_triton_for(_kvq_pack_kernel)
+def test_cache_append_backend(model_tok, calib, text_ids):
+    """A cache that appends through the kernel holds the same codes as the reference one."""
+    model = model_tok[0]
+    caches = [KVQuantCache(model, "nuq3-1%", calib, append_backend=bk)
+              for bk in ("torch", "triton")]
+    with torch.no_grad():
+        for c in caches:
+            forward_with_cache(model, text_ids[:1, :40], c)
+            forward_with_cache(model, text_ids[:1, 40:41], c)
+    for la, lb in zip(caches[0].layers, caches[1].layers, strict=True):
+        assert torch.equal(la.qk.codes, lb.qk.codes) and torch.equal(la.qv.codes, lb.qv.codes)
+        assert torch.equal(la.qv.zero, lb.qv.zero)
+        assert la.qk.outlier_index.numel() == lb.qk.outlier_index.numel()
+    with pytest.raises(WorkbenchError, match="append_backend"):
+        KVQuantCache(model, "nuq3-1%", calib, append_backend="cuda")
 
 
 # ---- calibration -----------------------------------------------------------------------------

@@ -36,9 +36,11 @@ class KVQuantLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, spec: QuantSpec, tables: LayerTables | None, rotary: Rotary | None):
+    def __init__(self, spec: QuantSpec, tables: LayerTables | None, rotary: Rotary | None,
+                 append_backend: str = "torch"):
         super().__init__()
         self.spec, self.tables, self.rotary = spec, tables, rotary
+        self.append_backend = append_backend
         self.length = 0
         self.qk: Quantized | None = None           # quantized keys (pre-RoPE if spec.pre_rope)
         self.qv: Quantized | None = None
@@ -74,7 +76,7 @@ class KVQuantLayer(DynamicLayer):
         keys = key_states.float()
         if spec.pre_rope:
             keys = Rotary.undo(keys, *self._cos_sin(start, start + n))
-        qv = quantize(value_states, spec, "v", self.tables, start)
+        qv = self._quantize(value_states, "v", start)
         self.qv = qv if self.qv is None else self.qv.append(qv)
         fused = self.growing is not None
         group = spec.key_token_group
@@ -88,7 +90,7 @@ class KVQuantLayer(DynamicLayer):
                 self.qk = qk if self.qk is None else self.qk.append(qk)
             self.pending_k = pend[:, :, full:]
         else:
-            qk = quantize(keys, spec, "k", self.tables, start)
+            qk = self._quantize(keys, "k", start)
             self.qk = qk if self.qk is None else self.qk.append(qk)
             if fused:
                 self.growing.add(qk, qv)
@@ -105,6 +107,18 @@ class KVQuantLayer(DynamicLayer):
             k_all = Rotary.apply(k_all, *self._cos_sin(0, self.length))
         v_all = dequantize(self.qv, spec, "v", self.tables)
         return k_all.to(self.dtype), v_all.to(self.dtype)
+
+    def _quantize(self, x: torch.Tensor, kind: str, start: int) -> Quantized:
+        """New tokens' codes: the reference quantizer, or the quantize-and-pack kernel (the
+        same result from one launch) with append_backend="triton" ("auto": on CUDA tensors)."""
+        backend = self.append_backend
+        if backend == "auto":
+            backend = "triton" if x.is_cuda else "torch"
+        if backend == "torch":
+            return quantize(x, self.spec, kind, self.tables, start)
+        from workbench.kvquant.append import quantize_appended
+
+        return quantize_appended(x, self.spec, kind, self.tables, start, backend=backend)
 
     def start_fused(self) -> None:
         """Keep the kernel's view of this layer up to date from now on (`packed`)."""
@@ -184,10 +198,17 @@ class KVQuantCache(Cache):
     model: the model it will serve (geometry, rotary embedding, calibration check).
     spec: a `QuantSpec` or a method name ("nuq3-1%", "kivi-3", "atom-4", "fp16", ...).
     calibration: a `Calibration` for this model; needed by KVQuant methods.
+    append_backend: how new tokens are quantized: "torch" (the reference quantizer, the
+    default), "triton" (the quantize-and-pack kernel, `workbench.kvquant.append`: the same
+    codes and outliers from one launch per layer and kind; on CPU only under the Triton
+    interpreter) or "auto" (the kernel for CUDA tensors). Not yet timed on a GPU.
     """
 
     def __init__(self, model, spec: QuantSpec | str = "nuq3-1%",
-                 calibration: Calibration | None = None):
+                 calibration: Calibration | None = None, append_backend: str = "torch"):
+        if append_backend not in ("torch", "triton", "auto"):
+            raise WorkbenchError(f"append_backend must be 'torch', 'triton' or 'auto', got "
+                                 f"{append_backend!r}.")
         self.spec = method(spec) if isinstance(spec, str) else spec
         self.geometry: KVGeometry = geometry(model)
         if self.spec.is_fp16:
@@ -205,7 +226,7 @@ class KVQuantCache(Cache):
             raise WorkbenchError(f"head_dim {self.geometry.head_dim} is not a multiple of 32: "
                                  "the packed layout needs whole 32-bit words per bit plane.")
         rotary = Rotary(model) if self.spec.pre_rope and not self.spec.is_fp16 else None
-        layers = [KVQuantLayer(self.spec, t, rotary) for t in tables]
+        layers = [KVQuantLayer(self.spec, t, rotary, append_backend) for t in tables]
         super().__init__(layers=layers)
 
     def nbytes(self) -> int:
