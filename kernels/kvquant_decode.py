@@ -745,12 +745,16 @@ else:
 _TABLES: dict = {}
 
 
-def _cached(key, make):
+def _cached(source: torch.Tensor, key, make):
+    """make(), cached by `key` and the address of `source`, the tensor it is computed from. The
+    entry holds a reference to `source`, so that address cannot be freed and handed to another
+    tensor (which would then hit this entry) while the entry lives."""
+    key = (key, source.data_ptr(), source.device, source.dtype, source.numel(), source._version)
     if key not in _TABLES:
         if len(_TABLES) > 64:
             _TABLES.clear()
-        _TABLES[key] = make()
-    return _TABLES[key]
+        _TABLES[key] = (source, make())
+    return _TABLES[key][1]
 
 
 def rope_table(inv_freq: torch.Tensor, block: int) -> torch.Tensor:
@@ -759,7 +763,7 @@ def rope_table(inv_freq: torch.Tensor, block: int) -> torch.Tensor:
         ang = torch.arange(block, device=inv_freq.device, dtype=torch.float64)[:, None] \
             * inv_freq.double()
         return torch.stack([torch.cos(ang), torch.sin(ang)]).float().contiguous()
-    return _cached(("rope", inv_freq.data_ptr(), inv_freq.device, block, inv_freq.numel()), make)
+    return _cached(inv_freq, ("rope", block), make)
 
 
 def tile_table(inv_freq: torch.Tensor, block: int, n_blocks: int,
@@ -772,8 +776,7 @@ def tile_table(inv_freq: torch.Tensor, block: int, n_blocks: int,
         pos = torch.arange(cap, device=inv_freq.device, dtype=torch.float64)[:, None] * block
         ang = pos * inv_freq.double()
         return torch.stack([torch.cos(ang), torch.sin(ang)], dim=1).to(dtype).contiguous()
-    return _cached(("tile", inv_freq.data_ptr(), inv_freq.device, block, inv_freq.numel(), cap,
-                    dtype), make)
+    return _cached(inv_freq, ("tile", block, cap, dtype), make)
 
 
 def level_tables(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -786,8 +789,7 @@ def level_tables(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = t16[:8].contiguous().view(torch.uint8)                     # little endian: lo, hi
         regs = torch.stack([b[0:8:2], b[8:16:2], b[1:8:2], b[9:16:2]]).contiguous()
         return t16, regs.view(torch.int32).reshape(4)
-    return _cached(("levels", table.data_ptr(), table.device, table.numel(),
-                    table._version), make)
+    return _cached(table, ("levels",), make)
 
 
 _MIN_PROGRAMS = 1056      # about eight programs per multiprocessor on an H200 (132 SMs): the

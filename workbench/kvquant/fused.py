@@ -12,6 +12,8 @@ measured with the real model, in `evaluate`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from kernels.kvquant_decode import BLOCK_N, PackedKV, block_csr, csr_entries
@@ -60,6 +62,7 @@ class GrowingPack:
         self.frozen_blocks = 0
         self.frozen: list | None = None             # [key csr, value csr] of the full blocks
         self.pending: list | None = None            # [(index, delta) keys, values], later tokens
+        self.last: PackedKV | None = None           # its ranges and tables are reused
 
     def add(self, qk: Quantized, qv: Quantized) -> None:
         """Record the outliers of newly appended tokens (or of a whole layer, at the start)."""
@@ -113,7 +116,16 @@ class GrowingPack:
                 both = self._csr((index, delta), 0, 0, shape, keys)
             csr.append(both)
         self.frozen_blocks = full
-        return pack(qk, qv, self.tables, self.inv_freq, self.rope_scale, blk, csr=tuple(csr))
+        (k_ptr, k_idx, k_val, k_tok), (v_ptr, v_idx, v_val) = csr
+        if self.last is None:        # the per-layer constants once: ranges, tables, inv_freq
+            self.last = pack(qk, qv, self.tables, self.inv_freq, self.rope_scale, blk,
+                             csr=tuple(csr))
+        else:
+            self.last = dataclasses.replace(
+                self.last, k_planes=qk.codes, v_planes=qv.codes, v_zero=qv.zero,
+                v_scale=qv.scale, k_ptr=k_ptr, k_idx=k_idx, k_val=k_val, k_tok=k_tok,
+                v_ptr=v_ptr, v_idx=v_idx, v_val=v_val)
+        return self.last
 
 
 def _csr_to_flat(ptr, idx, val, p: PackedKV):
@@ -125,7 +137,6 @@ def _csr_to_flat(ptr, idx, val, p: PackedKV):
 def reblock(p: PackedKV, block: int) -> PackedKV:
     """The same packed layer with its sparse part in blocks of `block` tokens (the kernel's
     tile size follows the block)."""
-    import dataclasses
     b, h, s, d, _ = p.shape
     k = block_csr(*_csr_to_flat(p.k_ptr, p.k_idx, p.k_val, p), b, h, s, d, block,
                   token_offsets=True)
