@@ -388,6 +388,22 @@ def test_fused_decode_generates_the_same_tokens(model_tok, calib, text_ids):
             nxt = ref[:, -1:].argmax(-1)
 
 
+def test_fused_decode_batch_and_beams(model_tok, calib, text_ids):
+    """Two sequences at once, and beam search (which reorders the cache's rows: the growing
+    sparse part is rebuilt), give the dequantize path's tokens."""
+    model, tok = model_tok
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    for prompt, extra in ((text_ids[:, :60], {}), (text_ids[:1, :60], {"num_beams": 2})):
+        with torch.no_grad():
+            want = model.generate(prompt, past_key_values=KVQuantCache(model, "nuq3-1%", calib),
+                                  attention_mask=torch.ones_like(prompt), **kw, **extra)
+            cache = KVQuantCache(model, "nuq3-1%", calib)
+            with fused_decode(model, cache):
+                got = model.generate(prompt, past_key_values=cache,
+                                     attention_mask=torch.ones_like(prompt), **kw, **extra)
+        assert torch.equal(got, want), extra
+
+
 @needs_triton_for(_kvq_decode_kernel)
 def test_fused_decode_runs_the_triton_kernel(model_tok, calib, text_ids):
     """One decode step through the Triton kernel (interpreter on CPU) matches the reference."""
