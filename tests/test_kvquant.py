@@ -281,6 +281,15 @@ def test_rope_undo_matches_k_proj(model_tok, text_ids):
     torch.testing.assert_close(pre, k_proj, atol=1e-4, rtol=1e-4)
 
 
+def test_rotary_table_slices_equal_direct(model_tok):
+    """The cached cos/sin table the cache slices per step gives the rotary module's numbers."""
+    rot = Rotary(model_tok[0])
+    for start, stop in [(0, 5), (1000, 1001), (37, 1500), (0, 1)]:
+        want = rot.cos_sin(torch.arange(start, stop))
+        got = rot.cos_sin_range(start, stop, "cpu")
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
 def test_cache_holds_packed_codes_and_generates(model_tok, calib, text_ids):
     model, tok = model_tok
     cache = KVQuantCache(model, "nuq3-1%", calib)

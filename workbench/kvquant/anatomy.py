@@ -95,6 +95,21 @@ class Rotary:
             raise WorkbenchError(f"{type(model).__name__} has no `model.rotary_emb`: pre-RoPE key "
                                  "quantization needs the model's rotary embedding.")
         self.head_dim = geometry(model).head_dim
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def cos_sin_range(self, start: int, stop: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (stop - start, head_dim) of positions start..stop-1: slices of a table
+        computed once per power-of-two length (the same numbers: each is one product and one
+        cos/sin), so a decode step costs two slices; computed each call for RoPE variants
+        that change with the sequence length (dynamic, longrope)."""
+        kind = getattr(self.module, "rope_type", "default")
+        if not isinstance(kind, str) or "dynamic" in kind or "longrope" in kind:
+            return self.cos_sin(torch.arange(start, stop, device=device))
+        tab = self._table
+        if tab is None or tab[0].shape[0] < stop or tab[0].device != torch.device(device):
+            cap = max(1024, 1 << max(0, stop - 1).bit_length())
+            tab = self._table = self.cos_sin(torch.arange(cap, device=device))
+        return tab[0][start:stop], tab[1][start:stop]
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (seq,) long -> cos, sin (seq, head_dim) float32."""

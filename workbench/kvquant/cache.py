@@ -58,7 +58,7 @@ class KVQuantLayer(DynamicLayer):
         self.is_initialized = True
 
     def _cos_sin(self, start: int, stop: int):
-        return self.rotary.cos_sin(torch.arange(start, stop, device=self.device))
+        return self.rotary.cos_sin_range(start, stop, self.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Quantize and store the new (B, H, n, D) post-RoPE keys and values; return the keys
