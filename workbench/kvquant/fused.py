@@ -5,7 +5,8 @@
 
 `pack_layer` reuses the layer's packed codes and ranges as they are and only re-sorts the sparse
 outliers into the kernel's block-CSR (int16 index + fp16 delta per entry; key entries by token
-and value entries by channel within a block). `random_layer` builds a
+and value entries by channel within a block). `GrowingPack` keeps that CSR up to date while a
+cache grows (what `fused_decode` reads each decode step). `random_layer` builds a
 packed layer from random tensors of a given shape, for kernel tests and speed runs (accuracy is
 measured with the real model, in `evaluate`).
 """
