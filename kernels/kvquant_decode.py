@@ -91,8 +91,10 @@ barriers in the loop:
     no sparse: default 214 / 194, 13.9 / 13.4; qrot + 32-token tiles 157 / 165, 16.8 (3 blocks)
 The pre-pass kernels are small: key corrections 32 regs, ~60-70 instructions per entry slot
 of a block; value post 29-32 regs, 54 / 109 instructions per 128 entries.
-With float32 queries the math is float32 (fallback path), otherwise fp16 with fp32 softmax and
-accumulation; errors stay within the flash-attention rule of `kernels.testing`.
+With bf16 queries the math is fp16 (3 more mantissa bits than bf16) with fp32 softmax and
+accumulation; float32 and fp16 queries take the float32 math (the fallback path: with fp16
+queries, fp16 rounding of the dequantized, rotated keys went past 2x PyTorch's own fp16 error
+on ~5% of random inputs). Errors stay within the flash-attention rule of `kernels.testing`.
 
 Bytes read per token and KV head at D=128, 3 bits: 48 (key codes) + 48 (value codes) + 4
 (value zero/scale) + ~4 per sparse entry (about 1% of 2*D elements: ~10) = ~110, against 512 for
@@ -591,9 +593,9 @@ if HAS_TRITON:
         # shared memory: s = row sums of q * k; the accumulator keeps one row per token of
         # the tile (BLOCK_N, D/2) x 2, rescaled only when the running max grows, and is summed
         # over its rows once, after the loop.
-        # HALF_MATH: dequantization, RoPE and the tensor-core operands in fp16 (16-bit queries;
-        # bf16 queries are converted: keys, values and probabilities fit fp16's range, and it
-        # has 3 more mantissa bits); else float32 throughout. Softmax and accumulation: fp32.
+        # HALF_MATH: dequantization, RoPE and the tensor-core operands in fp16 (bf16 queries,
+        # converted: keys, values and probabilities fit fp16's range, and it has 3 more
+        # mantissa bits); else float32 throughout. Softmax and accumulation: fp32.
         HALF: tl.constexpr = D // 2
         NG: tl.constexpr = D // 32
         MATH: tl.constexpr = tl.float16 if HALF_MATH else tl.float32
@@ -814,7 +816,7 @@ def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = N
                           rotate_queries: str = "loop", score_math: str = "dot"):
     """Launch the kernel: q (B, Hq, D) -> partial outputs (B, Hq, n_splits, D) float32 and
     lses (B, Hq, n_splits) float32 (natural log). use_asm: levels by PTX byte permutes (default
-    on a GPU for 2- and 3-bit codes and 16-bit queries) or by the plain-Triton fallback.
+    on a GPU for 2- and 3-bit codes and bf16 queries) or by the plain-Triton fallback.
     max_registers: cap on registers per thread (ptxas spills above it; the kernel uses ~214 at
     4 warps, which allows two blocks per multiprocessor: a lower cap trades spills for
     occupancy, not yet measured).
@@ -844,12 +846,15 @@ def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = N
         n_splits = choose_splits(b * h, s, interpreted, p.block)
     tiles_per_split = triton_cdiv(n_blocks, n_splits)
     n_splits = triton_cdiv(n_blocks, tiles_per_split)
-    half_math = q.dtype != torch.float32
+    # fp16 math for bf16 queries (fp16 has 3 more mantissa bits than bf16: well inside 2x
+    # PyTorch's bf16 error); fp16 queries take the float32 math, as fp16 intermediate rounding
+    # (dequantization and RoPE) exceeded 2x PyTorch's own fp16 error on ~5% of random inputs
+    half_math = q.dtype == torch.bfloat16
     asm_ok = half_math and bits <= 3 and not interpreted
     if use_asm is None:
         use_asm = asm_ok
     elif use_asm and not asm_ok:
-        raise WorkbenchError("use_asm needs a GPU, 2- or 3-bit codes and 16-bit queries.")
+        raise WorkbenchError("use_asm needs a GPU, 2- or 3-bit codes and bf16 queries.")
     o = torch.empty(b, hq, n_splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, n_splits, dtype=torch.float32, device=q.device)
     has_ks, has_vs = p.k_idx.numel() > 0, p.v_idx.numel() > 0
