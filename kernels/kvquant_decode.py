@@ -408,38 +408,53 @@ if HAS_TRITON:
         return hi_v - lo_v
 
     @triton.jit
+    def _key_chunk(corr, idx_ptr, val_ptr, offs_e, e_ok, blk, q_ptr, qrow0, G, rtab_ptr,
+                   ttab_ptr, start, end, c0, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   GS: tl.constexpr, HIST: tl.constexpr):
+        # corr (GS, BLOCK_N) += the score corrections of one chunk of a block's key outliers,
+        # summed per token: an outlier delta at pre-RoPE channel d of token p0 + t adds
+        # delta * (q . R(p0 + t) e_d). The tokens' entry bounds within the chunk come from a
+        # histogram of the chunk (HIST) or from per-token offsets start/end relative to the
+        # block's first entry, the chunk starting at entry c0
+        HALF: tl.constexpr = D // 2
+        idx = tl.load(idx_ptr + offs_e, mask=e_ok, other=0).to(tl.int32)
+        val = tl.load(val_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
+        t_e = idx // D
+        d_e = idx % D
+        i_e = d_e % HALF
+        up = d_e >= HALF
+        cb = tl.load(ttab_ptr + blk * D + i_e)
+        sb = tl.load(ttab_ptr + blk * D + HALF + i_e)
+        ct = tl.load(rtab_ptr + t_e * HALF + i_e)
+        st = tl.load(rtab_ptr + (BLOCK_N + t_e) * HALF + i_e)
+        c = cb * ct - sb * st
+        sn = sb * ct + cb * st
+        if HIST:
+            lo, hi = _segment_bounds(t_e, e_ok, BLOCK_N)
+        else:
+            lo = tl.minimum(tl.maximum(start - c0, 0), offs_e.shape[0])
+            hi = tl.minimum(tl.maximum(end - c0, 0), offs_e.shape[0])
+        rows = tl.arange(0, GS)[:, None]
+        for g in tl.static_range(GS):
+            qrow = qrow0 + tl.minimum(g, G - 1)                # rows >= G: padding copies
+            qa = tl.load(q_ptr + qrow * D + i_e).to(tl.float32)
+            qb = tl.load(q_ptr + qrow * D + HALF + i_e).to(tl.float32)
+            delta = val * tl.where(up, qb * c - qa * sn, qa * c + qb * sn)
+            corr += tl.where(rows == g, _segment_sum(delta, lo, hi)[None, :], 0.0)
+        return corr
+
+    @triton.jit
     def _key_sparse(ptr_ptr, idx_ptr, val_ptr, blk_flat, blk, blk_ok, q_ptr, qrow0, G,
                     rtab_ptr, ttab_ptr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                     GS: tl.constexpr, E_CHUNK: tl.constexpr):
-        # score corrections (GS, BLOCK_N) of the tile's key outliers: an outlier delta at
-        # pre-RoPE channel d of token p0 + t adds delta * (q . R(p0 + t) e_d)
-        HALF: tl.constexpr = D // 2
+        # score corrections (GS, BLOCK_N) of the tile's key outliers, inside the tile loop
         e0 = tl.load(ptr_ptr + blk_flat, mask=blk_ok, other=0)
         e1 = tl.load(ptr_ptr + blk_flat + 1, mask=blk_ok, other=0)
-        rows = tl.arange(0, GS)[:, None]
         corr = tl.zeros([GS, BLOCK_N], dtype=tl.float32)
         for e in range(e0, e1, E_CHUNK):
             offs_e = e + tl.arange(0, E_CHUNK)
-            e_ok = offs_e < e1
-            idx = tl.load(idx_ptr + offs_e, mask=e_ok, other=0).to(tl.int32)
-            val = tl.load(val_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
-            t_e = idx // D
-            d_e = idx % D
-            i_e = d_e % HALF
-            up = d_e >= HALF
-            cb = tl.load(ttab_ptr + blk * D + i_e)
-            sb = tl.load(ttab_ptr + blk * D + HALF + i_e)
-            ct = tl.load(rtab_ptr + t_e * HALF + i_e)
-            st = tl.load(rtab_ptr + (BLOCK_N + t_e) * HALF + i_e)
-            c = cb * ct - sb * st
-            sn = sb * ct + cb * st
-            start, end = _segment_bounds(t_e, e_ok, BLOCK_N)
-            for g in tl.static_range(GS):
-                qrow = qrow0 + tl.minimum(g, G - 1)            # rows >= G: padding copies
-                qa = tl.load(q_ptr + qrow * D + i_e).to(tl.float32)
-                qb = tl.load(q_ptr + qrow * D + HALF + i_e).to(tl.float32)
-                delta = val * tl.where(up, qb * c - qa * sn, qa * c + qb * sn)
-                corr += tl.where(rows == g, _segment_sum(delta, start, end)[None, :], 0.0)
+            corr = _key_chunk(corr, idx_ptr, val_ptr, offs_e, offs_e < e1, blk, q_ptr, qrow0, G,
+                              rtab_ptr, ttab_ptr, 0, 0, 0, D, BLOCK_N, GS, True)
         return corr
 
     @triton.jit
@@ -474,7 +489,6 @@ if HAS_TRITON:
         # delta * (q . R(p0 + t) e_d). All entries of a chunk at once; the per-token sums are
         # prefix sums over the entries (sorted by token) read at the token boundaries, which
         # the per-token entry offsets of block_csr(..., token_offsets=True) give directly
-        HALF: tl.constexpr = D // 2
         bh = tl.program_id(0)
         blk = tl.program_id(1)
         blk_flat = blk * tl.num_programs(0) + bh               # block-major CSR groups
@@ -486,31 +500,11 @@ if HAS_TRITON:
         last = n_local + 1 >= BLOCK_N
         end = tl.where(last, e1 - e0, tl.load(ktok_ptr + tb + n_local + 1, mask=~last,
                                               other=0).to(tl.int32))
-        rows = tl.arange(0, GS)[:, None]
         corr = tl.zeros([GS, BLOCK_N], dtype=tl.float32)
         for c0 in range(0, e1 - e0, E_CHUNK):
             offs_e = e0 + c0 + tl.arange(0, E_CHUNK)
-            e_ok = offs_e < e1
-            idx = tl.load(kidx_ptr + offs_e, mask=e_ok, other=0).to(tl.int32)
-            val = tl.load(kval_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
-            t_e = idx // D
-            d_e = idx % D
-            i_e = d_e % HALF
-            up = d_e >= HALF
-            cb = tl.load(ttab_ptr + blk * D + i_e)
-            sb = tl.load(ttab_ptr + blk * D + HALF + i_e)
-            ct = tl.load(rtab_ptr + t_e * HALF + i_e)
-            st = tl.load(rtab_ptr + (BLOCK_N + t_e) * HALF + i_e)
-            c = cb * ct - sb * st
-            sn = sb * ct + cb * st
-            lo = tl.minimum(tl.maximum(start - c0, 0), E_CHUNK)      # the tokens' entries
-            hi = tl.minimum(tl.maximum(end - c0, 0), E_CHUNK)        # within this chunk
-            for g in tl.static_range(GS):
-                qrow = bh * G + tl.minimum(g, G - 1)           # rows >= G: padding copies
-                qa = tl.load(q_ptr + qrow * D + i_e).to(tl.float32)
-                qb = tl.load(q_ptr + qrow * D + HALF + i_e).to(tl.float32)
-                delta = val * tl.where(up, qb * c - qa * sn, qa * c + qb * sn)
-                corr += tl.where(rows == g, _segment_sum(delta, lo, hi)[None, :], 0.0)
+            corr = _key_chunk(corr, kidx_ptr, kval_ptr, offs_e, offs_e < e1, blk, q_ptr, bh * G,
+                              G, rtab_ptr, ttab_ptr, start, end, c0, D, BLOCK_N, GS, False)
         qrows = (bh * G + tl.minimum(tl.arange(0, GS), G - 1)).to(tl.int64)[:, None]
         tl.store(kc_ptr + qrows * SP + blk * BLOCK_N + n_local[None, :], corr,
                  mask=(tl.arange(0, GS) < G)[:, None])
