@@ -44,11 +44,35 @@ def gen_time(model, prompt, new: int, cache_fn, context=None) -> tuple[float, to
     return time.perf_counter() - t, out
 
 
+def step_profile(model, prompt, new: int, cache_fn, context=None, top: int = 8) -> dict:
+    """Where a generated token's time goes: wall ms, GPU-busy ms (kernel time summed), CUDA
+    kernel launches and CPU-side ops per token, and the top ops by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall, _ = gen_time(model, prompt, 1 + new, cache_fn, context)
+    events = prof.key_averages()
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+    launches = sum(e.count for e in events if "cudaLaunchKernel" in e.key
+                   or "cuLaunchKernel" in e.key)
+    cpu_ops = sum(e.count for e in events if e.key.startswith("aten::"))
+    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"wall_ms_per_token": wall / (1 + new) * 1e3,
+            "gpu_busy_ms_per_token": gpu_us / 1e3 / (1 + new),
+            "kernel_launches_per_token": launches / (1 + new),
+            "aten_ops_per_token": cpu_ops / (1 + new),
+            "top_self_cpu": [f"{e.self_cpu_time_total / 1e3 / (1 + new):7.2f} ms "
+                             f"x{e.count / (1 + new):.0f} {e.key[:60]}" for e in rows]}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--contexts", default="1024,4096")
     parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--profile", action="store_true",
+                        help="per mode at the last prompt length: GPU busy time, kernel launches "
+                             "and the top CPU-side ops per generated token (torch.profiler)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kvquant_generate needs a CUDA GPU.")
@@ -102,10 +126,25 @@ def main(argv=None):
                 print(f"{n_ctx}: {name} vs dequantize path: {same}/{len(a)} tokens equal",
                       flush=True)
                 row["tokens_equal_to_dequantize_path"] = f"{same}/{len(a)}"
+    meta = {"model": "SmolLM2-135M-Instruct architecture, random bf16 weights; calibration "
+                     "from random ids (smoke)",
+            "timing": "(generate 1 + N) - (generate 1), over N; median of 3"}
+    write_results("kvquant_generate_h200", rows, device="cuda", out_dir=args.out, meta=meta)
+    if args.profile:
+        for name, (make, ctx) in modes.items():
+            try:
+                prof = step_profile(model, prompt, 8, make, ctx)
+            except Exception as err:  # record and go on
+                print(f"profile {name}: {type(err).__name__}: {str(err)[:300]}", flush=True)
+                continue
+            print(name, {k: v for k, v in prof.items() if k != "top_self_cpu"}, flush=True)
+            for line in prof["top_self_cpu"]:
+                print("   ", line, flush=True)
+            row = next((r for r in rows[::-1] if r["impl"] == name), None)
+            if row is not None:
+                row["profile_last_prompt"] = prof
     path = write_results("kvquant_generate_h200", rows, device="cuda", out_dir=args.out,
-                         meta={"model": "SmolLM2-135M-Instruct architecture, random bf16 "
-                                        "weights; calibration from random ids (smoke)",
-                               "timing": "(generate 1 + N) - (generate 1), over N; median of 3"})
+                         meta=meta)
     print(f"wrote {path}")
 
 
