@@ -32,6 +32,7 @@ import copy
 import math
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -299,6 +300,10 @@ def format_summary(summary: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=3)
+    parser.add_argument("--skip", type=int, default=0,
+                        help="evaluate only the tasks after the first SKIP (the same texts and "
+                             "facts as in a run of all --tasks): more contexts for a run made "
+                             "before")
     parser.add_argument("--context-len", type=int, default=3584)
     parser.add_argument("--continuation-len", type=int, default=256)
     parser.add_argument("--block-size", type=int, default=1,
@@ -320,9 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     from workbench.models import describe, load_model
 
     model, tokenizer = load_model()
-    budgets = [float(eval(b, {})) for b in args.budgets.split(",")]  # "1/8" -> 0.125
+    budgets = [float(Fraction(b)) for b in args.budgets.split(",")]  # "1/8" -> 0.125
     methods = tuple(m for m in args.methods.split(",") if m)
-    tasks = make_tasks(tokenizer, args.tasks, args.context_len, args.continuation_len)
+    tasks = make_tasks(tokenizer, args.tasks, args.context_len, args.continuation_len)[args.skip:]
     started = time.perf_counter()
     block = args.block_size or None
     results = [evaluate_task(model, tokenizer, t, budgets, methods, block, args.window,
