@@ -5,11 +5,16 @@ machine has no model files; weights do not change the work per token).
 
     python3 -m benchmarks.bench_kvquant_generate --out DIR      # GPU: DIR/kvquant_generate_h200.json
 
-Modes: bf16 DynamicCache; KVQuantCache (nuq3-1%) dequantizing every step; the same inside
-`fused_decode`; and that with the quantize-and-pack kernel for appended tokens
-(append_backend="triton"). Per prompt length: ms per generated token (generate of 1 + N new
-tokens minus generate of 1, over N; median of 3), and how many of the N greedy tokens the fused path shares with the
-dequantize path (random weights make near-ties, so a flip or two is rounding, not a bug).
+Modes: bf16 DynamicCache; KVQuantCache (nuq3-1%, recent_window=64) dequantizing every step;
+inside `fused_decode` with every token quantized as it arrives (the default recent_window=0,
+the paper's setting), with the reference quantizer or the quantize-and-pack kernel
+(append_backend="triton"); and inside `fused_decode` with a 64-token recent window (the
+kernel over the quantized tokens + attention over the window, quantized 64 at a time), with
+either quantizer. Per prompt length: ms per generated token ((generate of 1 + N new tokens) -
+(generate of 1), over N; median of 3), and how many of the N greedy tokens the fused path with
+the window shares with the dequantize path (the same keys and values; random weights make
+near-ties, so a flip or two is rounding, not a bug). --profile: per mode, GPU-busy time,
+kernel launches and ops per token and the top CPU-side ops.
 The calibration is made on the spot from random token ids (a smoke calibration, for timing).
 """
 
@@ -69,7 +74,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--contexts", default="1024,4096")
-    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--new", type=int, default=128,
+                        help="tokens timed per generate (>= 2x the cache's 64-token recent "
+                             "window, so its flushes are in the average)")
     parser.add_argument("--profile", action="store_true",
                         help="per mode at the last prompt length: GPU busy time, kernel launches "
                              "and the top CPU-side ops per generated token (torch.profiler)")
@@ -88,14 +95,23 @@ def main(argv=None):
     t = time.perf_counter()
     calib = calibrate(model, ids=calib_ids, progress=False, batch_size=2)
     print(f"calibration {time.perf_counter() - t:.1f} s", flush=True)
+    def kvq(**kw):
+        return lambda: KVQuantCache(model, "nuq3-1%", calib, **kw)
+
+    def fused(c):
+        return fused_decode(model, c)
+
     modes = {
         "bf16 DynamicCache": (lambda: DynamicCache(config=model.config), None),
-        "nuq3-1% dequantize path": (lambda: KVQuantCache(model, "nuq3-1%", calib), None),
-        "nuq3-1% fused decode": (lambda: KVQuantCache(model, "nuq3-1%", calib),
-                                 lambda c: fused_decode(model, c)),
-        "nuq3-1% fused decode + kernel append": (
-            lambda: KVQuantCache(model, "nuq3-1%", calib, append_backend="triton"),
-            lambda c: fused_decode(model, c)),
+        "nuq3-1% dequantize path, recent window 64": (
+            kvq(recent_window=64, append_backend="torch"), None),
+        "nuq3-1% fused, every token quantized": (kvq(append_backend="torch"), fused),
+        "nuq3-1% fused, every token quantized, kernel append": (
+            kvq(append_backend="triton"), fused),
+        "nuq3-1% fused decode, recent window 64": (
+            kvq(recent_window=64, append_backend="torch"), fused),
+        "nuq3-1% fused decode, recent window 64, kernel append": (
+            kvq(recent_window=64, append_backend="triton"), fused),
     }
     rows = []
     for n_ctx in [int(c) for c in args.contexts.split(",")]:
@@ -104,25 +120,30 @@ def main(argv=None):
         for name, (make, ctx) in modes.items():
             try:
                 gen_time(model, prompt, 2, make, ctx)                       # warm-up
+                # the window's flushes (once per 64 tokens) must be in the average; the modes
+                # without one take a shorter run (each of their tokens costs the same)
+                new = args.new if name.startswith("nuq3-1% fused decode") \
+                    else min(args.new, 32)
                 per = []
                 for _ in range(3):
                     t1, _ = gen_time(model, prompt, 1, make, ctx)
-                    tn, out = gen_time(model, prompt, 1 + args.new, make, ctx)
-                    per.append((tn - t1) / args.new * 1e3)
+                    tn, out = gen_time(model, prompt, 1 + new, make, ctx)
+                    per.append((tn - t1) / new * 1e3)
                 outs[name] = out[0, n_ctx:]
                 ms = statistics.median(per)
                 print(f"{n_ctx:6d} {name:28s} {ms:8.2f} ms/token", flush=True)
                 rows.append({"name": f"SmolLM2-135M arch, prompt {n_ctx}", "impl": name,
                              "median_ms": ms, "unit": "ms per generated token",
-                             "shape": {"prompt": n_ctx, "new_tokens": args.new, "batch": 1},
+                             "shape": {"prompt": n_ctx, "new_tokens": new, "batch": 1},
                              "dtype": "bfloat16"})
             except Exception as err:  # record and go on
                 print(f"{n_ctx} {name}: {type(err).__name__}: {str(err)[:400]}", flush=True)
         for row in rows[-len(outs):]:
             name = row["impl"]
-            if name.startswith("nuq3-1% fused") and "nuq3-1% dequantize path" in outs:
-                a, b = outs[name], outs["nuq3-1% dequantize path"]
-                same = int((a == b).sum())
+            if name.startswith("nuq3-1% fused decode") and "nuq3-1% dequantize path, recent window 64" in outs:
+                a, b = outs[name], outs["nuq3-1% dequantize path, recent window 64"]
+                a = a[:len(b)]                       # the shorter run's tokens
+                same = int((a == b[:len(a)]).sum())
                 print(f"{n_ctx}: {name} vs dequantize path: {same}/{len(a)} tokens equal",
                       flush=True)
                 row["tokens_equal_to_dequantize_path"] = f"{same}/{len(a)}"
@@ -133,7 +154,7 @@ def main(argv=None):
     if args.profile:
         for name, (make, ctx) in modes.items():
             try:
-                prof = step_profile(model, prompt, 8, make, ctx)
+                prof = step_profile(model, prompt, 16, make, ctx)   # steady state: no flush
             except Exception as err:  # record and go on
                 print(f"profile {name}: {type(err).__name__}: {str(err)[:300]}", flush=True)
                 continue

@@ -263,10 +263,11 @@ def dequantize_packed(p: PackedKV, dtype=torch.float32) -> tuple[torch.Tensor, t
     return k, v
 
 
-def kvquant_decode_reference(q: torch.Tensor, packed: PackedKV) -> torch.Tensor:
+def kvquant_decode_reference(q: torch.Tensor, packed: PackedKV, return_lse: bool = False):
     """q (B, Hq, D) post-RoPE -> attention output (B, Hq, D) over the packed cache, in q.dtype:
     dequantized K/V are cast to q.dtype and attention runs in that precision (float64 q: the
-    truth)."""
+    truth). return_lse: also the log-sum-exp of the scaled scores (B, Hq), natural log, in the
+    math dtype (float32, float64 for float64 q)."""
     b, h, s, d, _ = packed.shape
     math_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     k, v = dequantize_packed(packed, math_dtype)
@@ -275,7 +276,10 @@ def kvquant_decode_reference(q: torch.Tensor, packed: PackedKV) -> torch.Tensor:
     qg = q.view(b, h, g, d)                                           # (B, H, G, D)
     scores = (qg @ k.transpose(-1, -2)) * (1.0 / math.sqrt(d))        # (B, H, G, S)
     probs = torch.softmax(scores.to(math_dtype), dim=-1).to(q.dtype)
-    return (probs @ v).reshape(b, h * g, d)
+    out = (probs @ v).reshape(b, h * g, d)
+    if not return_lse:
+        return out
+    return out, torch.logsumexp(scores.to(math_dtype), dim=-1).reshape(b, h * g)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -753,6 +757,20 @@ def _cached(source: torch.Tensor, key, make):
     return _TABLES[key][1]
 
 
+_PLACEHOLDERS: dict = {}
+
+
+def _placeholders(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One-element float32 / int16 / float16 tensors for the pointer arguments of modes that are
+    off (the kernel never reads or writes them), made once per device: a decode step then
+    launches no fills for them."""
+    key = str(device)
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = tuple(torch.zeros(1, dtype=dt, device=device)
+                                   for dt in (torch.float32, torch.int16, torch.float16))
+    return _PLACEHOLDERS[key]
+
+
 def rope_table(inv_freq: torch.Tensor, block: int) -> torch.Tensor:
     """(2, block, D/2) float32: cos and sin of t * inv_freq for t < block (float64 math)."""
     def make():
@@ -864,7 +882,7 @@ def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = N
         raise WorkbenchError("key_sparse='prepass' needs the per-token key offsets "
                              "(PackedKV.k_tok, from block_csr(..., token_offsets=True)).")
     sp = n_blocks * p.block
-    dummy_f = torch.zeros(1, dtype=torch.float32, device=q.device)
+    dummy_f, dummy_i, dummy_v = _placeholders(q.device)
     rtab = rope_table(p.inv_freq, p.block)
     ttab = tile_table(p.inv_freq, p.block, n_blocks)
     qc = q.contiguous()
@@ -886,8 +904,6 @@ def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = N
                          dtype=torch.float16 if half_math else torch.float32)
         _qrot_kernel[(b * hq, triton_cdiv(n_blocks, 16))](qr, qc, ttab, n_blocks, D=d, TB=16,
                                                           num_warps=4)
-    dummy_i = torch.zeros(1, dtype=torch.int16, device=q.device)
-    dummy_v = torch.zeros(1, dtype=torch.float16, device=q.device)
     kt16, kregs = level_tables(p.k_table)
     vt16, vregs = level_tables(p.v_table)
     qk_scale = float(p.rope_scale) / math.sqrt(d) * 1.4426950408889634
@@ -934,18 +950,20 @@ def _check(q: torch.Tensor, p: PackedKV) -> None:
 
 
 def kvquant_decode_attention(q: torch.Tensor, packed: PackedKV, backend: str = "auto",
-                             n_splits: int | None = None, **launch) -> torch.Tensor:
+                             n_splits: int | None = None, return_lse: bool = False, **launch):
     """Attention of one query token per sequence over a packed KVQuant cache.
 
     q: (B, Hq, D) post-RoPE queries, Hq a multiple of the cache's kv heads (GQA); float16,
-    bfloat16 or float32. Returns (B, Hq, D) in q.dtype. backend: "auto" | "triton" | "torch".
-    launch: further options of `kvquant_decode_triton` (key_sparse, value_sparse, ...).
+    bfloat16 or float32. Returns (B, Hq, D) in q.dtype, and with return_lse also the
+    log-sum-exp of the scaled scores (B, Hq) float32, natural log (to merge with attention
+    over other keys). backend: "auto" | "triton" | "torch". launch: further options of
+    `kvquant_decode_triton` (key_sparse, value_sparse, ...).
     """
     _check(q, packed)
     which = pick_backend(backend, (q, packed.k_planes), _kvq_decode_kernel,
                          op="kvquant_decode_attention", supported_dtypes=SUPPORTED_DTYPES)
     if which == "torch":
-        return kvquant_decode_reference(q, packed)
+        return kvquant_decode_reference(q, packed, return_lse)
     o, lse = kvquant_decode_triton(q, packed, n_splits, **launch)
-    merged, _ = merge_attention_partials(o, lse, backend="auto")
-    return merged.to(q.dtype)
+    merged, lse = merge_attention_partials(o, lse, backend="auto")
+    return (merged.to(q.dtype), lse) if return_lse else merged.to(q.dtype)

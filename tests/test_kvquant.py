@@ -292,7 +292,7 @@ def test_rotary_table_slices_equal_direct(model_tok):
 
 def test_cache_holds_packed_codes_and_generates(model_tok, calib, text_ids):
     model, tok = model_tok
-    cache = KVQuantCache(model, "nuq3-1%", calib)
+    cache = KVQuantCache(model, "nuq3-1%", calib, recent_window=0)     # every token quantized
     prompt = text_ids[:1, :120]
     with torch.no_grad():
         out = model.generate(prompt, past_key_values=cache, max_new_tokens=12, do_sample=False,
@@ -324,18 +324,55 @@ def test_cache_matches_fp16_and_orders_methods(model_tok, calib, text_ids):
 
 def test_cache_batch_and_kivi_pending(model_tok, calib, text_ids):
     model = model_tok[0]
-    cache = KVQuantCache(model, "kivi-3")
+    cache = KVQuantCache(model, "kivi-3", recent_window=0)
     with torch.no_grad():
         forward_with_cache(model, text_ids[:, :100], cache)            # 64 quantized + 36 pending
         forward_with_cache(model, text_ids[:, 100:101], cache)
     layer = cache.layers[3]
     assert layer.qk.seq_len == 64 and layer.pending_k.shape[2] == 37
     assert cache.get_seq_length() == 101
-    cache = KVQuantCache(model, "nuq3-1%", calib)
+    for window in (0, 64):                                          # quantized / all recent
+        cache = KVQuantCache(model, "nuq3-1%", calib, recent_window=window)
+        with torch.no_grad():
+            forward_with_cache(model, text_ids[:, :50], cache)
+        cache.batch_select_indices(torch.tensor([1]))
+        layer = cache.layers[0]
+        assert (layer.qv.codes if window == 0 else layer.recent_v).shape[0] == 1
+
+
+def test_recent_window(model_tok, calib, text_ids):
+    """The newest tokens stay unquantized until the window fills, then are quantized together:
+    layer 0 (whose keys and values depend on the tokens alone) gets the same codes as a cache
+    that quantizes every token as it arrives (keys per channel with calibrated ranges and
+    values per token do not depend on how tokens are grouped); the window's bytes are counted
+    and `update` returns the window's tokens as given."""
+    model = model_tok[0]
+    ids = text_ids[:1]
+    caches = [KVQuantCache(model, "nuq3-1%", calib, recent_window=w) for w in (0, 16)]
     with torch.no_grad():
-        forward_with_cache(model, text_ids[:, :50], cache)
-    cache.batch_select_indices(torch.tensor([1]))
-    assert cache.layers[0].qv.codes.shape[0] == 1
+        for c in caches:
+            forward_with_cache(model, ids[:, :10], c)                  # 10 < 16: all in fp16
+    win = caches[1].layers[2]
+    assert win.qk is None and win.recent_len == 10 and caches[1].get_seq_length() == 10
+    assert win.nbytes() == 2 * 10 * 3 * 64 * 4                           # float32 K and V
+    with torch.no_grad():
+        for t in range(10, 17):
+            for c in caches:
+                forward_with_cache(model, ids[:, t:t + 1], c)
+            if t == 14:
+                assert win.qk is None and win.recent_len == 15
+    assert win.qk.seq_len == 16 and win.recent_len == 1                 # flushed at 16
+    full, win0 = caches[0].layers[0], caches[1].layers[0]
+    assert torch.equal(full.qk.codes[:, :, :16], win0.qk.codes)
+    assert torch.equal(full.qv.codes[:, :, :16], win0.qv.codes)
+    first16 = full.qk.outlier_index[full.qk.outlier_index < 16 * 3 * 64]     # token-major index
+    assert torch.equal(first16.sort().values, win0.qk.outlier_index.sort().values)
+    assert win.nbytes() == win.qk.nbytes() + win.qv.nbytes() + 2 * 1 * 3 * 64 * 4
+    k_all, v_all = win.update(torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64))
+    assert k_all.shape == (1, 3, 18, 64)
+    assert torch.equal(k_all[:, :, 16:], win.recent_k)
+    with pytest.raises(WorkbenchError, match="recent_window"):
+        KVQuantCache(model, "nuq3-1%", calib, recent_window=-1)
 
 
 # ---- fused decode inside model.generate (workbench.kvquant.attend) ---------------------------
@@ -368,23 +405,32 @@ def test_growing_pack_equals_pack_of_the_whole():
     assert grow.frozen_blocks == 140 // block
 
 
-def test_fused_decode_generates_the_same_tokens(model_tok, calib, text_ids):
+@pytest.mark.parametrize("window, prompt_len", [(0, 90), (8, 90), (16, 12)])
+def test_fused_decode_generates_the_same_tokens(model_tok, calib, text_ids, window, prompt_len):
     """generate inside fused_decode (PyTorch reference of the kernel on this CPU): the same
-    greedy tokens and, step by step, the same logits as the cache's dequantized path."""
+    greedy tokens and, step by step, the same logits as the cache's dequantized path; with a
+    recent window (kernel over the quantized tokens + attention over the window, merged),
+    including steps before anything is quantized (a 12-token prompt in a 16-token window)."""
     model, tok = model_tok
-    prompt = text_ids[:1, :90]
+    prompt = text_ids[:1, :prompt_len]
     kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+
+    def make():
+        return KVQuantCache(model, "nuq3-1%", calib, recent_window=window)
+
     with torch.no_grad():
-        plain = model.generate(prompt, past_key_values=KVQuantCache(model, "nuq3-1%", calib), **kw)
-        cache = KVQuantCache(model, "nuq3-1%", calib)
+        plain = model.generate(prompt, past_key_values=make(), **kw)
+        cache = make()
         with fused_decode(model, cache) as state:
             fused = model.generate(prompt, past_key_values=cache, **kw)
     assert torch.equal(plain, fused)
-    assert state.fused_steps == 9 * model.config.num_hidden_layers     # every decode step
+    layers = model.config.num_hidden_layers
+    # decode steps that had quantized tokens to read: all 9, or those after the first flush
+    assert state.fused_steps == (9 if prompt_len >= window else 6) * layers
     assert model.config._attn_implementation != "workbench_attention"   # switched back
     assert cache.layers[0].growing is None
     # logits of single decode steps against the dequantized path
-    caches = [KVQuantCache(model, "nuq3-1%", calib) for _ in range(2)]
+    caches = [make() for _ in range(2)]
     with torch.no_grad():
         for c in caches:
             forward_with_cache(model, prompt, c)
@@ -474,7 +520,7 @@ def test_quantize_appended_matches_reference(name, kind, start, tails):
 def test_cache_append_backend(model_tok, calib, text_ids):
     """A cache that appends through the kernel holds the same codes as the reference one."""
     model = model_tok[0]
-    caches = [KVQuantCache(model, "nuq3-1%", calib, append_backend=bk)
+    caches = [KVQuantCache(model, "nuq3-1%", calib, append_backend=bk, recent_window=0)
               for bk in ("torch", "triton")]
     with torch.no_grad():
         for c in caches:

@@ -5,6 +5,7 @@
     calib = load_calibration(model)                 # committed calibration of the embedded model
     cache = KVQuantCache(model, "nuq3-1%", calib)   # packed 3-bit codes + 1% sparse outliers
     model.generate(ids, past_key_values=cache, max_new_tokens=40)
+    cache = KVQuantCache(model, "nuq3-1%", calib, recent_window=64)   # fast generate on a GPU
     with fused_decode(model, cache):                # decode reads the packed codes directly
         model.generate(ids, past_key_values=cache, max_new_tokens=40)
 

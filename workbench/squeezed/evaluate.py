@@ -50,8 +50,8 @@ from workbench.squeezed.selectors import (
 from workbench.squeezed.tasks import QualityTask, Recall, make_tasks, recall_items
 
 BUDGETS = (1.0, 1 / 2, 1 / 4, 1 / 8, 1 / 16)
-METHODS = ("squeezed", "squeezed-hier", "squeezed-threshold", "squeezed-input", "streaming",
-           "quest", "random", "oracle")
+METHODS = ("squeezed", "squeezed-hier", "squeezed-threshold", "squeezed-input", "squeezed-max",
+           "streaming", "quest", "random", "oracle")
 DEFAULT_METHODS = ("squeezed", "squeezed-hier", "squeezed-threshold", "streaming", "quest",
                    "random", "oracle")
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -63,7 +63,9 @@ def method_context(model, method: str, index, budget: float, context_ids,
 
     squeezed / squeezed-hier: one-level / hierarchical lookup with `allocation` (see
     `SqueezedSelector`); squeezed-threshold: the paper's uncapped global threshold (its spend
-    drifts from the budget; shown for that); squeezed-input: one key set per user input."""
+    drifts from the budget; shown for that); squeezed-input: one key set per user input;
+    squeezed-max: one level, the query heads of a KV head's group voting by their max estimate
+    instead of the mean (a key that one head needs is not averaged away)."""
     ns, win = index.n_sink, index.window
     if method == "squeezed":
         return squeezed_attention(model, index, budget, block_size=block_size,
@@ -76,6 +78,9 @@ def method_context(model, method: str, index, budget: float, context_ids,
                                   allocation="threshold")
     if method == "squeezed-input":
         return squeezed_attention(model, index, budget, block_size=None, allocation=allocation)
+    if method == "squeezed-max":
+        return squeezed_attention(model, index, budget, block_size=block_size,
+                                  allocation=allocation, vote="max")
     selectors = {
         "streaming": lambda: StreamingSelector(budget, n_sink=ns, block_size=block_size),
         "quest": lambda: QuestSelector(budget, n_sink=ns, window=win, block_size=block_size),
