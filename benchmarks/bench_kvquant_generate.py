@@ -49,7 +49,7 @@ def gen_time(model, prompt, new: int, cache_fn, context=None) -> tuple[float, to
     return time.perf_counter() - t, out
 
 
-def step_profile(model, prompt, new: int, cache_fn, context=None, top: int = 8) -> dict:
+def step_profile(model, prompt, new: int, cache_fn, context=None, top: int = 14) -> dict:
     """Where a generated token's time goes: wall ms, GPU-busy ms (kernel time summed), CUDA
     kernel launches and CPU-side ops per token, and the top ops by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
@@ -77,6 +77,8 @@ def main(argv=None):
     parser.add_argument("--new", type=int, default=128,
                         help="tokens timed per generate (>= 2x the cache's 64-token recent "
                              "window, so its flushes are in the average)")
+    parser.add_argument("--modes", default="",
+                        help="comma-separated substrings: run only the modes whose name holds one")
     parser.add_argument("--profile", action="store_true",
                         help="per mode at the last prompt length: GPU busy time, kernel launches "
                              "and the top CPU-side ops per generated token (torch.profiler)")
@@ -113,6 +115,9 @@ def main(argv=None):
         "nuq3-1% fused decode, recent window 64, kernel append": (
             kvq(recent_window=64, append_backend="triton"), fused),
     }
+    if args.modes:
+        wanted = [m.strip() for m in args.modes.split(",") if m.strip()]
+        modes = {k: v for k, v in modes.items() if any(w in k for w in wanted)}
     rows = []
     for n_ctx in [int(c) for c in args.contexts.split(",")]:
         prompt = torch.randint(100, 40000, (1, n_ctx), generator=gen).cuda()

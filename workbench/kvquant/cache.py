@@ -261,15 +261,16 @@ class KVQuantCache(Cache):
     kernel for CUDA tensors, the reference quantizer elsewhere), "torch" (the reference) or
     "triton" (the kernel, `workbench.kvquant.append`: the same codes and outliers from one
     launch per layer and kind; on CPU only under the Triton interpreter). On the H200 it took
-    generation with `fused_decode` from 206-231 to 171 ms/token, and with a recent window from
-    77-90 to 67-80 (benchmarks/results/kvquant_generate_h200.json).
+    generation with `fused_decode` and every token quantized from 206-231 to 171 ms/token
+    (benchmarks/results/kvquant_generate_h200.json).
     recent_window: the newest tokens, fewer than this many, stay unquantized (as the model gives
     them, bytes counted) and are quantized together once the window fills (KIVI keeps such a
     residual window too). A prompt of that length or longer is quantized whole at once, so
     perplexity over a prompt is unaffected; during generation a layer quantizes once per
     `recent_window` tokens instead of once per token, and `fused_decode` re-packs the kernel's
     view only then: per-token quantization makes a GPU decode step launch-bound (H200, 135M
-    model: 67-80 ms/token with recent_window=64 against 171 with 0; bf16 DynamicCache 30-43).
+    model: 52-80 ms/token over two runs with recent_window=64, against 111-171 with 0; bf16
+    DynamicCache 24-43: the host CPU's speed varies, and the step is launch-bound).
     0 (the default): every token is quantized as it arrives, as in the paper, so memory and
     quality numbers mean exactly the quantized cache.
     """
