@@ -68,7 +68,7 @@ def block_rows(q: torch.Tensor, kv: int, block_size: int | None):
 
 
 def centroid_scores_reference(q, centroids, log_sizes, scaling, block_size=None, indices=None,
-                              counts=None, extra_lse=None):
+                              counts=None, extra_lse=None, vote: str = "mean"):
     """PyTorch reference of `centroid_scores` (computes in float32, float64 for float64 q)."""
     kv = centroids.shape[0]
     ct = torch.promote_types(q.dtype, torch.float32)
@@ -93,6 +93,8 @@ def centroid_scores_reference(q, centroids, log_sizes, scaling, block_size=None,
     p = torch.exp(s - lse[..., None]).masked_fill(~ok[:, :, :, None], 0.0)
     p = torch.nan_to_num(p, nan=0.0)
     w = valid.to(ct)[None, None, :, :, None]
+    if vote == "max":
+        return (p * w).amax(3)
     return (p * w).sum(3) / w.sum(3).clamp_min(1.0)
 
 
@@ -132,6 +134,7 @@ if HAS_TRITON:
         so_row,                                # out (rows, k or m)
         HAS_IDX: tl.constexpr, HAS_EXTRA: tl.constexpr, FP32_DOT: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        VOTE_MAX: tl.constexpr = False,
     ):
         pid = tl.program_id(0)                  # one (batch, kv head, block) per program
         blk = pid % n_blocks
@@ -189,7 +192,7 @@ if HAS_TRITON:
                 lse = tl.where(hi == float("-inf"), hi,
                                hs + tl.log(tl.exp(lse - hs) + tl.exp(e - hs)))
             lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
-            # pass 2: p_k += sum_r exp(s_rk - lse_r) / n_valid
+            # pass 2: p_k += sum_r exp(s_rk - lse_r) / n_valid (VOTE_MAX: max_r)
             for k0 in range(0, count, BLOCK_K):
                 kk = k0 + kk0
                 ok = kk < count
@@ -204,16 +207,24 @@ if HAS_TRITON:
                 else:
                     s = tl.dot(q, tl.trans(c.to(q.dtype))) * scaling
                 keep = row_ok[:, None] & ok[None, :] & (lse != float("-inf"))[:, None]
-                p = tl.sum(tl.where(keep, tl.exp(s - lse_safe[:, None]), 0.0), axis=0)
+                e = tl.where(keep, tl.exp(s - lse_safe[:, None]), 0.0)
                 out = out_ptr + pid.to(tl.int64) * so_row + kk
-                if r0 > 0:
-                    p += tl.load(out, mask=ok, other=0.0)
+                if VOTE_MAX:
+                    p = tl.max(e, axis=0)
+                    if r0 > 0:
+                        p = tl.maximum(p, tl.load(out, mask=ok, other=0.0))
+                else:
+                    p = tl.sum(e, axis=0)
+                    if r0 > 0:
+                        p += tl.load(out, mask=ok, other=0.0)
                 tl.store(out, p, mask=ok)
-        # scale the sums to means (a second sweep over this program's own output row)
-        for k0 in range(0, count, BLOCK_K):
-            kk = k0 + kk0
-            out = out_ptr + pid.to(tl.int64) * so_row + kk
-            tl.store(out, tl.load(out, mask=kk < count, other=0.0) / n_valid, mask=kk < count)
+        if not VOTE_MAX:
+            # scale the sums to means (a second sweep over this program's own output row)
+            for k0 in range(0, count, BLOCK_K):
+                kk = k0 + kk0
+                out = out_ptr + pid.to(tl.int64) * so_row + kk
+                tl.store(out, tl.load(out, mask=kk < count, other=0.0) / n_valid,
+                         mask=kk < count)
 
     @triton.jit
     def _compact_kernel(mask_ptr, idx_ptr, cnt_ptr, n, sm_row, si_row, BLOCK: tl.constexpr):
@@ -246,6 +257,11 @@ def _fp32_dot(q: torch.Tensor, other: torch.Tensor, interpreted: bool) -> bool:
     return interpreted or q.dtype == torch.float32 or other.dtype == torch.float32
 
 
+def _check_vote(vote: str) -> None:
+    if vote not in ("mean", "max"):
+        raise WorkbenchError(f"vote must be 'mean' or 'max', got {vote!r}.")
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
@@ -256,9 +272,12 @@ def _next_pow2(x: int) -> int:
 
 
 def centroid_scores(q, centroids, log_sizes, scaling: float, block_size: int | None = None, *,
-                    indices=None, counts=None, extra_lse=None, backend: str = "auto"):
+                    indices=None, counts=None, extra_lse=None, backend: str = "auto",
+                    vote: str = "mean"):
     """Estimated per-key attention of each centroid, per (batch, KV head, block of queries).
-    See the module docstring for shapes. Returns p (b, kv, n_blocks, k or m) float32."""
+    See the module docstring for shapes. Returns p (b, kv, n_blocks, k or m) float32.
+    vote: how the rows of a block (the query heads of a KV head's group x its queries) combine their estimates, "mean" (the paper's) or "max" (a key that one row needs is kept)."""
+    _check_vote(vote)
     if q.dim() != 4 or centroids.dim() != 3 or q.shape[-1] != centroids.shape[-1]:
         raise WorkbenchError(f"centroid_scores: expected q (b, hq, q_len, d) and centroids "
                              f"(kv, k, d); got {tuple(q.shape)} and {tuple(centroids.shape)}.")
@@ -272,7 +291,7 @@ def centroid_scores(q, centroids, log_sizes, scaling: float, block_size: int | N
                          op="centroid_scores", supported_dtypes=SUPPORTED_DTYPES)
     if which == "torch":
         return centroid_scores_reference(q, centroids, log_sizes, scaling, block_size, indices,
-                                         counts, extra_lse)
+                                         counts, extra_lse, vote)
     b, hq, q_len, d = q.shape
     g = hq // kv
     nb, bs = block_layout(q_len, block_size)
@@ -299,7 +318,7 @@ def centroid_scores(q, centroids, log_sizes, scaling: float, block_size: int | N
         idx.stride(0) if indices is not None else 0,
         ext.stride(0) if extra_lse is not None else 0, out.stride(2),
         HAS_IDX=indices is not None, HAS_EXTRA=extra_lse is not None,
-        FP32_DOT=_fp32_dot(q, c, interp),
+        FP32_DOT=_fp32_dot(q, c, interp), VOTE_MAX=vote == "max",
         BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=max(16, _next_pow2(d)), num_warps=4)
     return out
 

@@ -12,7 +12,7 @@ centroid_keep(q, centroids, log_sizes, scaling, block_size, threshold) -> keep
       1. partial log-sum-exp (max, sum) of every row over the tile (and, for few rows, the
          logits themselves, so the centroids are read once);
       2. merge each row's partials into lse_r (once per row, not once per tile);
-      3. p_k = mean_r exp(s_rk - lse_r), keep = p_k >= threshold.
+      3. p_k = mean_r exp(s_rk - lse_r) (vote="max": max_r), keep = p_k >= threshold.
     Bytes: centroids once (at most 16 query rows per KV head: the logits are kept) or twice
     (prefill, where storing the logits of every row would cost more), + 2 partials per row and
     tile (stored tile-major, so that a tile's rows are written together) + 1 byte per centroid
@@ -40,6 +40,7 @@ import torch
 from kernels.dispatch import HAS_TRITON, is_interpreted, pick_backend, tl, triton
 from kernels.squeezed_lookup import (
     SUPPORTED_DTYPES,
+    _check_vote,
     _fp32_dot,
     _next_pow2,
     block_layout,
@@ -55,9 +56,11 @@ SUB = 2048          # positions one select step scans with a prefix sum
 # ----------------------------------------------------------------------------------------------
 
 
-def centroid_keep_reference(q, centroids, log_sizes, scaling, block_size, threshold):
+def centroid_keep_reference(q, centroids, log_sizes, scaling, block_size, threshold,
+                            vote: str = "mean"):
     """keep (b, kv, nb, k) bool = centroid_scores_reference(...) >= threshold."""
-    return centroid_scores_reference(q, centroids, log_sizes, scaling, block_size) >= threshold
+    return centroid_scores_reference(q, centroids, log_sizes, scaling, block_size,
+                                     vote=vote) >= threshold
 
 
 def select_chunks_reference(keep, labels, n, n_sink, window, chunk):
@@ -190,6 +193,7 @@ if HAS_TRITON:
         STORE: tl.constexpr, FP32_DOT: tl.constexpr, P_OUT: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
         m_ptr=None, l_ptr=None, FUSE_LSE: tl.constexpr = False, BLOCK_T: tl.constexpr = 16,
+        VOTE_MAX: tl.constexpr = False,
     ):
         bh = tl.program_id(0)
         kt = tl.program_id(1)
@@ -222,13 +226,17 @@ if HAS_TRITON:
                 lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
                 # s holds s_rk + log N_k: the per-key estimate is exp(s_rk - lse_r)
                 ln_safe = tl.where(ln == float("-inf"), 0.0, ln)
-                p += tl.sum(tl.where(use, tl.exp(s - ln_safe[None, :] - lse_safe[:, None]),
-                                     0.0), axis=0)
+                e = tl.where(use, tl.exp(s - ln_safe[None, :] - lse_safe[:, None]), 0.0)
+                if VOTE_MAX:
+                    p = tl.maximum(p, tl.max(e, axis=0))
+                else:
+                    p += tl.sum(e, axis=0)
+            if not VOTE_MAX:
+                p = p / n_valid
             if P_OUT:                           # the estimates themselves (float32)
-                tl.store(keep_ptr + pid.to(tl.int64) * n_cent + kk, p / n_valid,
-                         mask=kk < n_cent)
+                tl.store(keep_ptr + pid.to(tl.int64) * n_cent + kk, p, mask=kk < n_cent)
             else:
-                keep = (p / n_valid) >= threshold
+                keep = p >= threshold
                 tl.store(keep_ptr + pid.to(tl.int64) * n_cent + kk, keep.to(tl.int8),
                          mask=kk < n_cent)
 
@@ -276,13 +284,13 @@ else:
 def centroid_keep(q, centroids, log_sizes, scaling: float, block_size: int | None,
                   threshold: float | None, *, backend: str = "auto",
                   fuse_lse: bool = False, block_k: int | None = None,
-                  num_warps: int = 4) -> torch.Tensor:
+                  num_warps: int = 4, vote: str = "mean") -> torch.Tensor:
     """keep (b, kv, n_blocks, k) bool: centroids whose estimated attention per key passes
     `threshold` (module docstring). threshold None: the estimates p (b, kv, n_blocks, k)
     float32 themselves, for allocations that rank them (see `workbench.squeezed.fastpath`).
     fuse_lse: two launches instead of three, each program of the last kernel merging its rows'
     partials itself (every tile's program re-reads n_tiles partials per row from L2, instead of
-    a launch that does it once; variant, not yet run on a GPU). block_k (centroids per program,
+    a launch that does it once). vote: how the rows of a block (the query heads of a KV head's group x its queries) combine their estimates, "mean" (the paper's) or "max" (a key that one row needs is kept). block_k (centroids per program,
     a power of two >= 16; default 128 for <= 16 rows, else 64) and num_warps: launch settings
     for benchmarks."""
     if q.dim() != 4 or centroids.dim() != 3 or q.shape[-1] != centroids.shape[-1] \
@@ -290,12 +298,15 @@ def centroid_keep(q, centroids, log_sizes, scaling: float, block_size: int | Non
         raise WorkbenchError(f"centroid_keep: expected q (b, hq, q_len, d) and centroids "
                              f"(kv, k, d) with hq a multiple of kv; got {tuple(q.shape)} and "
                              f"{tuple(centroids.shape)}.")
+    _check_vote(vote)
     which = pick_backend(backend, (q, centroids, log_sizes), _keep_partial_kernel,
                          op="centroid_keep", supported_dtypes=SUPPORTED_DTYPES)
     if which == "torch":
         if threshold is None:
-            return centroid_scores_reference(q, centroids, log_sizes, scaling, block_size)
-        return centroid_keep_reference(q, centroids, log_sizes, scaling, block_size, threshold)
+            return centroid_scores_reference(q, centroids, log_sizes, scaling, block_size,
+                                             vote=vote)
+        return centroid_keep_reference(q, centroids, log_sizes, scaling, block_size, threshold,
+                                       vote)
     b, hq, q_len, d = q.shape
     kv, k = centroids.shape[:2]
     g = hq // kv
@@ -339,7 +350,7 @@ def centroid_keep(q, centroids, log_sizes, scaling: float, block_size: int | Non
     _keep_final_kernel[(b * kv, n_tiles)](q, c, ln, lse, s,
                                         keep if p_out else keep.view(torch.int8),
                                         0.0 if p_out else float(threshold), *args, **meta,
-                                        P_OUT=p_out, **fuse)
+                                        P_OUT=p_out, VOTE_MAX=vote == "max", **fuse)
     return keep
 
 

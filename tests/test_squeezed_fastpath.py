@@ -95,8 +95,10 @@ def test_decode_variants_equal_cpu_path(tuning):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("hierarchical", [False, True])
-@pytest.mark.parametrize("q_len,block,rows", [(1, 16, False), (11, 4, False), (11, 4, True)])
-def test_layer_allocation_on_the_device(backend, hierarchical, q_len, block, rows):
+@pytest.mark.parametrize("q_len,block,rows,vote", [(1, 16, False, "mean"), (11, 4, False, "mean"),
+                                                   (11, 4, True, "mean"), (1, 16, False, "max"),
+                                                   (11, 4, True, "max")])
+def test_layer_allocation_on_the_device(backend, hierarchical, q_len, block, rows, vote):
     """allocation='layer' (the evaluated default): the device path keeps whole clusters in
     decreasing estimate, pooled over the KV heads, without passing the layer's share; what it
     keeps is a subset of the CPU selector's keys that misses at most one cluster per block
@@ -112,10 +114,11 @@ def test_layer_allocation_on_the_device(backend, hierarchical, q_len, block, row
     q = torch.randn(1, index.q_heads, q_len, d, generator=gen) * 2
     budget = 0.3
     sel = SqueezedSelector(index, budget, hierarchical=hierarchical, block_size=block,
-                           allocation="layer")
+                           allocation="layer", vote=vote)
     cpu = sel.select(0, q, keys[None])                                      # (1, kv, nb, n)
     plan = DevicePlan.from_index(index, budget, hierarchical=hierarchical, block_size=block,
-                                 device=DEVICE, dtype=torch.float32, allocation="layer")
+                                 device=DEVICE, dtype=torch.float32, allocation="layer",
+                                 vote=vote)
     keep = kept_centroids(plan, 0, q.to(DEVICE), block, backend, rows=rows)   # rows: prefill
     idx, cnt, _ = select_chunks(keep, plan.labels[0], n, index.n_sink, index.window,
                                 backend=backend)

@@ -22,6 +22,7 @@ from kernels.squeezed_lookup import (
 )
 from kernels.testing import TEST_DEVICE, assert_matches_reference, fresh_seed
 from kernels.testing import needs_triton as needs_triton_for
+from workbench.errors import WorkbenchError
 from workbench.squeezed.attention import masked_context_attention
 from workbench.squeezed.lookup import centroid_estimates
 
@@ -54,16 +55,31 @@ def test_centroid_reference_is_the_lookup_estimate():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 6, 2, 5, 3, 37, 40), (2, 4, 4, 1, None, 23, 16),
                                    (1, 8, 2, 40, None, 70, 16)])      # 160 rows: 3 row tiles
-def test_centroid_scores_kernel(dtype, shape):
+@pytest.mark.parametrize("vote", ["mean", "max"])
+def test_centroid_scores_kernel(dtype, shape, vote):
     b, hq, kv, q_len, block, k, d = shape
     gen, ctx = _gen()
     q = torch.randn(b, hq, q_len, d, generator=gen).to(DEVICE, dtype)
     c = torch.randn(kv, k, d, generator=gen).to(DEVICE, dtype)
     ln = torch.log(torch.randint(0, 30, (kv, k), generator=gen).float()).to(DEVICE)
     assert_matches_reference(
-        lambda *a: centroid_scores(*a, backend="triton"),
-        lambda q_, c_, ln_, s_, bl_: centroid_scores_reference(q_, c_, ln_, s_, bl_),
+        lambda *a: centroid_scores(*a, backend="triton", vote=vote),
+        lambda q_, c_, ln_, s_, bl_: centroid_scores_reference(q_, c_, ln_, s_, bl_, vote=vote),
         (q, c, ln, d ** -0.5, block), context=ctx, atol=1e-6, names=("p",))
+
+
+def test_centroid_reference_votes():
+    """The kernels' reference estimates equal the lookup's for both votes (mean: the paper's;
+    max: any row of the block that needs a key keeps it)."""
+    gen, _ = _gen()
+    q = torch.randn(1, 6, 5, 16, generator=gen)
+    c = torch.randn(2, 9, 16, generator=gen)
+    sizes = torch.randint(1, 9, (2, 9), generator=gen).float()
+    for vote in ("mean", "max"):
+        got = centroid_scores_reference(q, c, sizes.log(), 0.25, 3, vote=vote)
+        torch.testing.assert_close(got, centroid_estimates(q, c, sizes, 0.25, 3, vote=vote))
+    with pytest.raises(WorkbenchError, match="vote"):
+        centroid_scores(q, c, sizes.log(), 0.25, 3, vote="median")
 
 
 @needs_triton

@@ -33,17 +33,20 @@ def _gen():
 @pytest.mark.parametrize("shape", [(1, 4, 2, 1, 16, 157, 32),      # decode, GQA: logits stored
                                    (1, 6, 3, 37, 16, 97, 40),      # prefill blocks, 2 row tiles
                                    (2, 2, 2, 5, None, 300, 16)])   # one set, 5 centroid tiles
-@pytest.mark.parametrize("fuse_lse", [False, True])
-def test_centroid_keep_kernel(shape, fuse_lse):
+@pytest.mark.parametrize("fuse_lse, vote", [(False, "mean"), (True, "mean"), (False, "max")])
+def test_centroid_keep_kernel(shape, fuse_lse, vote):
     b, hq, kv, q_len, block, k, d = shape
     gen, ctx = _gen()
     q = torch.randn(b, hq, q_len, d, generator=gen).to(DEVICE)
     c = torch.randn(kv, k, d, generator=gen).to(DEVICE)
     ln = torch.log(torch.randint(1, 30, (kv, k), generator=gen).float()).to(DEVICE)
-    p = centroid_scores_reference(q.double(), c.double(), ln.double(), d ** -0.5, block)
+    p = centroid_scores_reference(q.double(), c.double(), ln.double(), d ** -0.5, block,
+                                  vote=vote)
     threshold = float(p.flatten().kthvalue(max(1, int(0.8 * p.numel()))).values)
     got = centroid_keep(q, c, ln, d ** -0.5, block, threshold, backend="triton",
-                        fuse_lse=fuse_lse)
+                        fuse_lse=fuse_lse, vote=vote)
+    est = centroid_keep(q, c, ln, d ** -0.5, block, None, backend="triton", vote=vote)
+    torch.testing.assert_close(est.double().cpu(), p.cpu(), atol=1e-6, rtol=1e-4)
     want = p >= threshold
     # only estimates within float32 rounding of the threshold may differ
     near = (p - threshold).abs() <= 1e-6 * threshold

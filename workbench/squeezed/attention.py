@@ -127,7 +127,8 @@ class SqueezedAttention:
             self._plan = DevicePlan.from_index(sel.index, sel.budget,
                                                hierarchical=sel.hierarchical,
                                                block_size=sel.block_size, device=q.device,
-                                               dtype=q.dtype, allocation=sel.allocation)
+                                               dtype=q.dtype, allocation=sel.allocation,
+                                               vote=sel.vote)
             self._plan_key = key
         out, counts = fast_squeezed_attention(self._plan, layer, q, k, v, sel.block_size,
                                               backend=self.backend, return_counts=True)
@@ -140,7 +141,6 @@ class SqueezedAttention:
         # the device plan applies the global threshold or the per-layer allocation (whole
         # clusters); "capped" and "head" go through the mask path, with kernels on CUDA
         if (kernels and isinstance(self.selector, SqueezedSelector)
-                and self.selector.vote == "mean"
                 and self.selector.allocation in DEVICE_ALLOCATIONS):
             return self._fast_path(layer, q, k, v)
         k_ctx, v_ctx = k[:, :, :n], v[:, :, :n]

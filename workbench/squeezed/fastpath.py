@@ -73,16 +73,17 @@ class DevicePlan:
     # clustered layout (workbench.squeezed.layout): labels sorted, order (layers, kv, n_mid)
     # int64 is the permutation of the context's middle rows that sorts them; None: positions
     order: torch.Tensor | None = None
+    vote: str = "mean"            # how a block's query rows combine estimates ("mean" / "max")
 
     @classmethod
     def from_index(cls, index: SqueezedIndex, budget: float, *, hierarchical: bool = False,
                    block_size: int | None = 16, device="cuda",
                    dtype: torch.dtype = torch.bfloat16,
-                   allocation: str = "threshold") -> DevicePlan:
+                   allocation: str = "threshold", vote: str = "mean") -> DevicePlan:
         if allocation not in DEVICE_ALLOCATIONS:
             raise WorkbenchError(f"The device path supports allocation {DEVICE_ALLOCATIONS}, "
                                  f"not {allocation!r}.")
-        t = index.thresholds(budget, block_size, hierarchical)
+        t = index.thresholds(budget, block_size, hierarchical, vote=vote)
         lab_dtype = torch.int16 if index.fine.shape[2] < 2 ** 15 else torch.int32
         labels = index.labels.long()
         counts = torch.zeros(index.fine.shape[:3], dtype=torch.float32).scatter_add_(
@@ -96,7 +97,7 @@ class DevicePlan:
             fine_threshold=t.fine, coarse_threshold=t.coarse, hierarchical=hierarchical,
             context_len=index.context_len, n_sink=index.n_sink, window=index.window,
             scaling=index.scaling, allocation=allocation, layer_shares=shares,
-            member_counts=counts.to(device))
+            member_counts=counts.to(device), vote=vote)
 
 
 
@@ -136,13 +137,13 @@ def centroid_estimates(plan: DevicePlan, layer: int, q: torch.Tensor,
     children of pruned coarse centroids, hierarchical). rows: one-level estimates from the
     prefill kernel (`kernels.squeezed_prefill.prefill_keep`, query rows stationary)."""
     if not plan.hierarchical:
-        if rows:
+        if rows and plan.vote == "mean":
             return prefill_keep(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
                                 block_size, None, backend=backend)
         return centroid_keep(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
-                             block_size, None, backend=backend)
+                             block_size, None, backend=backend, vote=plan.vote)
     pc = centroid_scores(q, plan.coarse[layer], plan.coarse_log_sizes[layer], plan.scaling,
-                         block_size, backend=backend)                       # (b, kv, nb, kc)
+                         block_size, backend=backend, vote=plan.vote)       # (b, kv, nb, kc)
     keep_c = pc >= plan.coarse_threshold
     b, kv, nb, _ = keep_c.shape
     kf = plan.fine.shape[2]
@@ -152,7 +153,7 @@ def centroid_estimates(plan: DevicePlan, layer: int, q: torch.Tensor,
                               plan.scaling, block_size)
     pf = centroid_scores(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
                          block_size, indices=cidx, counts=ccnt, extra_lse=extra,
-                         backend=backend)                                   # (b, kv, nb, kf)
+                         backend=backend, vote=plan.vote)                   # (b, kv, nb, kf)
     valid = torch.arange(kf, device=q.device) < ccnt[..., None]
     p = torch.zeros(b, kv, nb, kf + 1, dtype=pf.dtype, device=q.device)
     p.scatter_(3, torch.where(valid, cidx.long(), kf), torch.where(valid, pf, 0.0))
@@ -169,12 +170,12 @@ def kept_centroids(plan: DevicePlan, layer: int, q: torch.Tensor, block_size: in
         p = centroid_estimates(plan, layer, q, block_size, backend, rows)
         return layer_allocation(p, plan.member_counts[layer], plan.layer_shares[layer],
                                 plan.labels.shape[-1])
-    if not plan.hierarchical and rows:
+    if not plan.hierarchical and rows and plan.vote == "mean":
         return prefill_keep(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
                             block_size, plan.fine_threshold, backend=backend)
     if not plan.hierarchical:                   # fused: estimates never leave the kernel
         return centroid_keep(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
-                             block_size, plan.fine_threshold, backend=backend,
+                             block_size, plan.fine_threshold, backend=backend, vote=plan.vote,
                              **(keep_tuning or {}))
     p = centroid_estimates(plan, layer, q, block_size, backend)
     return (p >= plan.fine_threshold) & (p > 0)
