@@ -424,9 +424,11 @@ DECODE_VARIANTS = (
     ("fuse_lse", {"fuse_lse": True}),
     ("keep_block_k 64", {"keep_block_k": 64}),
     ("prefetch 2, fuse_lse", {"prefetch": 2, "fuse_lse": True}),
+    ("index ahead", {"index_ahead": True}),
+    ("index ahead, stages 4", {"index_ahead": True, "num_stages": 4}),
 )
 SPARSE_VARIANTS = ("prefetch 1", "prefetch 2", "prefetch 4, block_n 32", "stages 5",
-                   "block_n 32, stages 5")
+                   "block_n 32, stages 5", "index ahead", "index ahead, stages 4")
 PROFILED_VARIANTS = ("prefetch 2", "prefetch 2, fuse_lse")
 
 

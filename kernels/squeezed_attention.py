@@ -158,6 +158,7 @@ if HAS_TRITON:
         FUSED: tl.constexpr, SUB: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PREFETCH: tl.constexpr = 0, ROW_BYTES: tl.constexpr = 0, PF_BULK: tl.constexpr = False,
+        INDEX_AHEAD: tl.constexpr = False,
     ):
         prog = tl.program_id(0)             # (batch, kv head, block of queries, tile of rows)
         split = tl.program_id(1)
@@ -214,6 +215,8 @@ if HAS_TRITON:
         if PREFETCH > 0:    # indices of the tile PREFETCH ahead, carried one iteration early
             pj = start + PREFETCH * BLOCK_N + n0
             pkid = tl.load(irow + pj, mask=pj < idx_end, other=-1)
+        if INDEX_AHEAD:     # the first tile's indices; each tile then loads the next tile's
+            kid_next = tl.load(irow + start + n0, mask=start + n0 < idx_end, other=0)
         for j0 in range(start, end, BLOCK_N):
             if PREFETCH > 0:
                 pok = pkid >= 0
@@ -224,8 +227,13 @@ if HAS_TRITON:
                 pkid = tl.load(irow + pj, mask=pj < idx_end, other=-1)
             j = j0 + n0
             ok = j < end
-            kid = tl.load(idx_ptr + pid.to(tl.int64) * si_row + j, mask=j < idx_end,
-                          other=0).to(tl.int64)
+            if INDEX_AHEAD:
+                kid = kid_next.to(tl.int64)
+                jn = j + BLOCK_N
+                kid_next = tl.load(irow + jn, mask=jn < idx_end, other=0)
+            else:
+                kid = tl.load(idx_ptr + pid.to(tl.int64) * si_row + j, mask=j < idx_end,
+                              other=0).to(tl.int64)
             if CHUNKED:
                 kid = tl.where(is_user, (user_start + j).to(tl.int64), kid)
             kt = tl.load(k_ptr + b * sk_b + h * sk_h + kid[:, None] * sk_n + d[None, :],
@@ -307,9 +315,10 @@ def sparse_attention(q, k, v, indices, counts, block_size: int | None, scaling: 
     `select_chunks` returns them: one split per chunk, no empty splits. There `user_len` > 0 adds
     the user tokens k[:, :, user_start:user_start + user_len] as further splits (causal with
     `causal_start`), so one launch covers context and user part before a single merge.
-    `tuning` overrides the launch settings (block_n, num_warps, num_stages) for benchmarks, and
-    {"prefetch": P} turns on L2 prefetches P tiles ahead (`_prefetch_meta`; not yet run on a
-    GPU)."""
+    `tuning` overrides the launch settings (block_n, num_warps, num_stages) for benchmarks,
+    {"prefetch": P} turns on L2 prefetches P tiles ahead (`_prefetch_meta`), and
+    {"index_ahead": True} loads each tile's kept indices one tile early (carried in registers),
+    so the gathers of a tile do not wait for its index load (not yet run on a GPU)."""
     check_qkv("sparse_attention", q, k, v)
     b, hq, q_len, d = q.shape
     kv = k.shape[1]
@@ -385,6 +394,7 @@ def _launch(q, k, v, idx, cnt, block_size, scaling, n_ctx, split_len, chunked, c
         SUB=min(SELECT_SUB, _next_pow2(split_len)) if select is not None else 16,
         BLOCK_R=block_r, BLOCK_N=tuning["block_n"], BLOCK_D=block_d,
         **_prefetch_meta(tuning, k, interp), num_warps=tuning["num_warps"],
+        **({"INDEX_AHEAD": True} if tuning.get("index_ahead") else {}),
         **({"num_stages": tuning["num_stages"]} if "num_stages" in tuning else {}))
     if splits == 1:
         return o[:, :, :, 0], lse[..., 0]

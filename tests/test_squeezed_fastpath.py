@@ -72,7 +72,8 @@ def test_fast_path_equals_cpu_path(backend, hierarchical, q_len, block, fused):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton kernels")
 @pytest.mark.parametrize("tuning", [{"fuse_lse": True},
-                                    {"fuse_lse": True, "prefetch": 2, "block_n": 32}])
+                                    {"fuse_lse": True, "prefetch": 2, "block_n": 32},
+                                    {"index_ahead": True, "block_n": 16}])
 def test_decode_variants_equal_cpu_path(tuning):
     """Decode launch variants that bench_squeezed times (two-launch lookup, L2 prefetch: a
     no-op under the interpreter) give the readable CPU path's output."""

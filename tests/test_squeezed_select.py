@@ -240,7 +240,9 @@ def test_sparse_prefill_kernel(case):
 @needs_triton
 @pytest.mark.parametrize("hq, kv, tuning", [(8, 2, {"prefetch": 2}),               # GQA 4
                                             (2, 2, {"prefetch": 4, "block_n": 32}),  # 1 row
-                                            (6, 2, {"block_n": 32, "num_stages": 5})])
+                                            (6, 2, {"block_n": 32, "num_stages": 5}),
+                                            (8, 2, {"index_ahead": True, "block_n": 16}),
+                                            (2, 2, {"index_ahead": True})])
 def test_select_and_attend_decode_variants(hq, kv, tuning):
     """Decode launch variants of the fused kernel (benchmarks/bench_squeezed.py times them;
     the L2 prefetch is off under the interpreter): the same output, lse and counts as the
