@@ -58,26 +58,28 @@ DEFAULT_OUT = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
 def method_context(model, method: str, index, budget: float, context_ids,
-                   block_size: int | None = 1, allocation: str = "layer"):
+                   block_size: int | None = 1, allocation: str = "layer", vote: str = "mean"):
     """The `squeezed_attention` context manager for a method name at a budget.
 
     squeezed / squeezed-hier: one-level / hierarchical lookup with `allocation` (see
     `SqueezedSelector`); squeezed-threshold: the paper's uncapped global threshold (its spend
     drifts from the budget; shown for that); squeezed-input: one key set per user input;
     squeezed-max: one level, the query heads of a KV head's group voting by their max estimate
-    instead of the mean (a key that one head needs is not averaged away)."""
+    instead of the mean (a key that one head needs is not averaged away). vote: how the
+    squeezed methods' query rows combine their estimates ("mean" or "max")."""
     ns, win = index.n_sink, index.window
     if method == "squeezed":
         return squeezed_attention(model, index, budget, block_size=block_size,
-                                  allocation=allocation)
+                                  allocation=allocation, vote=vote)
     if method == "squeezed-hier":
         return squeezed_attention(model, index, budget, hierarchical=True, block_size=block_size,
-                                  allocation=allocation)
+                                  allocation=allocation, vote=vote)
     if method == "squeezed-threshold":
         return squeezed_attention(model, index, budget, block_size=block_size,
-                                  allocation="threshold")
+                                  allocation="threshold", vote=vote)
     if method == "squeezed-input":
-        return squeezed_attention(model, index, budget, block_size=None, allocation=allocation)
+        return squeezed_attention(model, index, budget, block_size=None, allocation=allocation,
+                                  vote=vote)
     if method == "squeezed-max":
         return squeezed_attention(model, index, budget, block_size=block_size,
                                   allocation=allocation, vote="max")
@@ -140,7 +142,7 @@ def _generate(model, tokenizer, cache, task, user_ids, ctx, max_new_tokens):
 def evaluate_task(model, tokenizer, task: QualityTask, budgets=BUDGETS, methods=DEFAULT_METHODS,
                   block_size: int | None = 1, window: int = 64, log=print,
                   centroid_ratio: float = 0.15, allocation: str = "layer",
-                  n_recall: int = 12) -> dict:
+                  n_recall: int = 12, vote: str = "mean") -> dict:
     """Every method at every budget on one task. Returns {"task", "build_s", "recall", "rows"}.
 
     Per row: perplexity of the continuation, facts answered, recall items continued, and the
@@ -160,7 +162,7 @@ def evaluate_task(model, tokenizer, task: QualityTask, budgets=BUDGETS, methods=
 
             def ctx(name=name, budget=budget):
                 return method_context(model, name, index, budget, task.context_ids, block_size,
-                                      allocation)
+                                      allocation, vote)
 
             nll, kept = continuation_nll(model, cap.cache, task, ctx())
             answers = []
@@ -316,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--centroid-ratio", type=float, default=0.15,
                         help="fine centroids per clustered key (the paper: ~0.05)")
+    parser.add_argument("--vote", default="mean", choices=("mean", "max"),
+                        help="how a KV head's query heads combine their estimates (squeezed "
+                             "methods)")
     parser.add_argument("--allocation", default="layer",
                         help="how squeezed shares out the budget (see SqueezedSelector)")
     parser.add_argument("--recall", type=int, default=12, help="recall items per context")
@@ -337,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     block = args.block_size or None
     results = [evaluate_task(model, tokenizer, t, budgets, methods, block, args.window,
                              centroid_ratio=args.centroid_ratio, allocation=args.allocation,
-                             n_recall=args.recall) for t in tasks]
+                             n_recall=args.recall, vote=args.vote) for t in tasks]
     rows = [r for res in results for r in res["rows"]]
     summary = summarize(rows)
     print(format_summary(summary))
@@ -348,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         "setup": {"tasks": [t.name for t in tasks], "context_len": args.context_len,
                   "continuation_len": args.continuation_len, "block_size": block,
                   "window": args.window, "n_sink": 4, "centroid_ratio": args.centroid_ratio,
-                  "coarse_ratio": 0.125, "allocation": args.allocation,
+                  "coarse_ratio": 0.125, "allocation": args.allocation, "vote": args.vote,
                   "facts_per_task": len(tasks[0].facts),
                   "recall_items": [len(r["recall"]) for r in results],
                   "kept": "fraction of the context's keys attended, mean over layers, KV heads, "
