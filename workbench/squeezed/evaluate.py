@@ -58,7 +58,7 @@ DEFAULT_OUT = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
 def method_context(model, method: str, index, budget: float, context_ids,
-                   block_size: int | None = 1, allocation: str = "layer", vote: str = "mean"):
+                   block_size: int | None = 1, allocation: str = "layer", vote: str = "max"):
     """The `squeezed_attention` context manager for a method name at a budget.
 
     squeezed / squeezed-hier: one-level / hierarchical lookup with `allocation` (see
@@ -142,7 +142,7 @@ def _generate(model, tokenizer, cache, task, user_ids, ctx, max_new_tokens):
 def evaluate_task(model, tokenizer, task: QualityTask, budgets=BUDGETS, methods=DEFAULT_METHODS,
                   block_size: int | None = 1, window: int = 64, log=print,
                   centroid_ratio: float = 0.15, allocation: str = "layer",
-                  n_recall: int = 12, vote: str = "mean") -> dict:
+                  n_recall: int = 12, vote: str = "max") -> dict:
     """Every method at every budget on one task. Returns {"task", "build_s", "recall", "rows"}.
 
     Per row: perplexity of the continuation, facts answered, recall items continued, and the
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--centroid-ratio", type=float, default=0.15,
                         help="fine centroids per clustered key (the paper: ~0.05)")
-    parser.add_argument("--vote", default="mean", choices=("mean", "max"),
+    parser.add_argument("--vote", default="max", choices=("mean", "max"),
                         help="how a KV head's query heads combine their estimates (squeezed "
                              "methods)")
     parser.add_argument("--allocation", default="layer",

@@ -73,13 +73,13 @@ class DevicePlan:
     # clustered layout (workbench.squeezed.layout): labels sorted, order (layers, kv, n_mid)
     # int64 is the permutation of the context's middle rows that sorts them; None: positions
     order: torch.Tensor | None = None
-    vote: str = "mean"            # how a block's query rows combine estimates ("mean" / "max")
+    vote: str = "max"             # how a block's query rows combine estimates ("mean" / "max")
 
     @classmethod
     def from_index(cls, index: SqueezedIndex, budget: float, *, hierarchical: bool = False,
                    block_size: int | None = 16, device="cuda",
                    dtype: torch.dtype = torch.bfloat16,
-                   allocation: str = "threshold", vote: str = "mean") -> DevicePlan:
+                   allocation: str = "threshold", vote: str = "max") -> DevicePlan:
         if allocation not in DEVICE_ALLOCATIONS:
             raise WorkbenchError(f"The device path supports allocation {DEVICE_ALLOCATIONS}, "
                                  f"not {allocation!r}.")

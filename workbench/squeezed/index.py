@@ -136,7 +136,7 @@ class SqueezedIndex:
 
     def estimates(self, layer: int, q: torch.Tensor, block_size: int | None,
                   hierarchical: bool = False, coarse_threshold: float = -math.inf,
-                  vote: str = "mean"):
+                  vote: str = "max"):
         """Per-fine-centroid estimates for queries q (b, hq, q_len, d) -> (b, kv, nb, kf)."""
         dev = q.device
         if not hierarchical:
@@ -150,7 +150,7 @@ class SqueezedIndex:
         return p
 
     def calibrate(self, budget: float, block_size: int | None = 16,
-                  coarse_factor: float = 3.0, vote: str = "mean") -> Thresholds:
+                  coarse_factor: float = 3.0, vote: str = "max") -> Thresholds:
         """Global thresholds for `budget`, from the observation-window queries grouped into
         selection blocks of `block_size` (None: all window queries vote as one input).
 
@@ -192,7 +192,7 @@ class SqueezedIndex:
         return result
 
     def thresholds(self, budget: float, block_size: int | None, hierarchical: bool,
-                   coarse_factor: float = 3.0, vote: str = "mean") -> Thresholds:
+                   coarse_factor: float = 3.0, vote: str = "max") -> Thresholds:
         return self.calibrate(budget, block_size, coarse_factor, vote)[int(bool(hierarchical))]
 
     # --- identity checks ----------------------------------------------------------------------

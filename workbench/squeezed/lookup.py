@@ -7,8 +7,10 @@ For a query q and centroids c_k with sizes N_k (one layer, one KV head):
 
 Summed over a cluster's N_k keys, p_k * N_k estimates the attention mass the cluster gets; p_k
 itself is what each member key gets, and a key is kept when p_k of its cluster passes a threshold.
-Under GQA the query heads that share a KV head vote together (their p are averaged), and the
-queries of one selection block are averaged too: one key set per (KV head, block of queries).
+Under GQA the query heads that share a KV head vote together, and so do the queries of one
+selection block: one key set per (KV head, block of queries). The paper averages their p
+(vote="mean", these functions' default); `squeezed_attention` takes their max by default
+(vote="max": a key that one head needs is not averaged away by the others).
 
 Hierarchical lookup (two levels). Coarse centroids cover the fine ones. Score the coarse level,
 keep coarse clusters whose p passes the coarse threshold, then score ONLY the fine centroids

@@ -113,7 +113,7 @@ class SqueezedSelector(Selector):
     """
 
     def __init__(self, index: SqueezedIndex, budget: float, *, hierarchical: bool = False,
-                 block_size: int | None = 16, coarse_factor: float = 3.0, vote: str = "mean",
+                 block_size: int | None = 16, coarse_factor: float = 3.0, vote: str = "max",
                  allocation: str = "threshold"):
         super().__init__(budget, block_size)
         if allocation not in ALLOCATIONS:
