@@ -158,7 +158,7 @@ def random_plan(shape: Shape, n: int, q: torch.Tensor, budget: float, hierarchic
     w = sizes.to(device)
     if hierarchical:
         pc = centroid_scores(q, plan.coarse, plan.coarse_log_sizes, plan.scaling, block_size,
-                             backend="torch")
+                             backend="torch", vote=plan.vote)
         plan.coarse_threshold = _between(pc, weighted_threshold(
             pc, csizes.to(device)[None, :, None].expand_as(pc), min(1.0, 3 * frac)))
     # fine threshold on the estimates the path will compute (one-level or hierarchical)
@@ -191,10 +191,12 @@ def _estimates_for_threshold(plan: DevicePlan, q, block_size):
 
     sizes = plan.fine_log_sizes.exp()
     if not plan.hierarchical:
-        return centroid_estimates(q, plan.fine.float(), sizes, plan.scaling, block_size)
+        return centroid_estimates(q, plan.fine.float(), sizes, plan.scaling, block_size,
+                                  vote=plan.vote)
     p, _ = hierarchical_estimates(q, plan.fine.float(), sizes, plan.coarse.float(),
                                   plan.coarse_log_sizes.exp(), plan.parent,
-                                  plan.coarse_threshold, plan.scaling, block_size)
+                                  plan.coarse_threshold, plan.scaling, block_size,
+                                  vote=plan.vote)
     return p
 
 
