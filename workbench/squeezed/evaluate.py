@@ -142,7 +142,7 @@ def _generate(model, tokenizer, cache, task, user_ids, ctx, max_new_tokens):
 def evaluate_task(model, tokenizer, task: QualityTask, budgets=BUDGETS, methods=DEFAULT_METHODS,
                   block_size: int | None = 1, window: int = 64, log=print,
                   centroid_ratio: float = 0.15, allocation: str = "layer",
-                  n_recall: int = 12, vote: str = "max") -> dict:
+                  n_recall: int = 12, vote: str = "max", outlier_ratio: float = 0.0) -> dict:
     """Every method at every budget on one task. Returns {"task", "build_s", "recall", "rows"}.
 
     Per row: perplexity of the continuation, facts answered, recall items continued, and the
@@ -150,7 +150,8 @@ def evaluate_task(model, tokenizer, task: QualityTask, budgets=BUDGETS, methods=
     heads, query blocks and calls, sink and window included)."""
     t0 = time.perf_counter()
     cap = capture_context(model, task.context_ids, window=window)
-    index = build_index(model, capture=cap, window=window, centroid_ratio=centroid_ratio)
+    index = build_index(model, capture=cap, window=window, centroid_ratio=centroid_ratio,
+                        outlier_ratio=outlier_ratio)
     build_s = time.perf_counter() - t0
     items = recall_items(model, tokenizer, task, n_recall) if n_recall else []
     log(f"{task.name}: prefill + clustering {build_s:.0f} s, {len(items)} recall items")
@@ -321,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vote", default="max", choices=("mean", "max"),
                         help="how a KV head's query heads combine their estimates (squeezed "
                              "methods)")
+    parser.add_argument("--outlier-ratio", type=float, default=0.0,
+                        help="share of the clustered keys kept as singleton clusters (those "
+                             "that fit their cluster worst; build_index's outlier_ratio)")
     parser.add_argument("--allocation", default="layer",
                         help="how squeezed shares out the budget (see SqueezedSelector)")
     parser.add_argument("--recall", type=int, default=12, help="recall items per context")
@@ -342,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     block = args.block_size or None
     results = [evaluate_task(model, tokenizer, t, budgets, methods, block, args.window,
                              centroid_ratio=args.centroid_ratio, allocation=args.allocation,
-                             n_recall=args.recall, vote=args.vote) for t in tasks]
+                             n_recall=args.recall, vote=args.vote,
+                             outlier_ratio=args.outlier_ratio) for t in tasks]
     rows = [r for res in results for r in res["rows"]]
     summary = summarize(rows)
     print(format_summary(summary))
@@ -354,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                   "continuation_len": args.continuation_len, "block_size": block,
                   "window": args.window, "n_sink": 4, "centroid_ratio": args.centroid_ratio,
                   "coarse_ratio": 0.125, "allocation": args.allocation, "vote": args.vote,
+                  "outlier_ratio": args.outlier_ratio,
                   "facts_per_task": len(tasks[0].facts),
                   "recall_items": [len(r["recall"]) for r in results],
                   "kept": "fraction of the context's keys attended, mean over layers, KV heads, "
