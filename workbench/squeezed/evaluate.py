@@ -64,9 +64,10 @@ def method_context(model, method: str, index, budget: float, context_ids,
     squeezed / squeezed-hier: one-level / hierarchical lookup with `allocation` (see
     `SqueezedSelector`); squeezed-threshold: the paper's uncapped global threshold (its spend
     drifts from the budget; shown for that); squeezed-input: one key set per user input;
-    squeezed-max: one level, the query heads of a KV head's group voting by their max estimate
-    instead of the mean (a key that one head needs is not averaged away). vote: how the
-    squeezed methods' query rows combine their estimates ("mean" or "max")."""
+    squeezed-max: one level with vote="max" whatever `vote` says (the same as "squeezed" under
+    the default vote; kept as the label of squeezed_quality_vote_max.json's rows, measured
+    while the default was still the mean). vote: how the other squeezed methods' query rows
+    combine their estimates ("max", the default, or the paper's "mean")."""
     ns, win = index.n_sink, index.window
     if method == "squeezed":
         return squeezed_attention(model, index, budget, block_size=block_size,
