@@ -207,14 +207,14 @@ if HAS_TRITON:
                 else:
                     s = tl.dot(q, tl.trans(c.to(q.dtype))) * scaling
                 keep = row_ok[:, None] & ok[None, :] & (lse != float("-inf"))[:, None]
-                e = tl.where(keep, tl.exp(s - lse_safe[:, None]), 0.0)
+                est = tl.where(keep, tl.exp(s - lse_safe[:, None]), 0.0)
                 out = out_ptr + pid.to(tl.int64) * so_row + kk
                 if VOTE_MAX:
-                    p = tl.max(e, axis=0)
+                    p = tl.max(est, axis=0)
                     if r0 > 0:
                         p = tl.maximum(p, tl.load(out, mask=ok, other=0.0))
                 else:
-                    p = tl.sum(e, axis=0)
+                    p = tl.sum(est, axis=0)
                     if r0 > 0:
                         p += tl.load(out, mask=ok, other=0.0)
                 tl.store(out, p, mask=ok)
