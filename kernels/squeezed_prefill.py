@@ -58,6 +58,7 @@ from kernels.squeezed_attention import (
 )
 from kernels.squeezed_lookup import (
     SUPPORTED_DTYPES,
+    _check_vote,
     _fp32_dot,
     _next_pow2,
     block_layout,
@@ -80,12 +81,14 @@ KEEP_TUNING = {"block_m": 64, "block_k": 64, "num_warps": 4, "num_stages": 3, "t
 # ----------------------------------------------------------------------------------------------
 
 
-def prefill_keep_reference(q, centroids, log_sizes, scaling, block_size, threshold):
+def prefill_keep_reference(q, centroids, log_sizes, scaling, block_size, threshold,
+                           vote: str = "mean"):
     """keep flags (threshold given) or estimates (threshold None), as `centroid_keep`'s."""
     if threshold is None:
-        p = centroid_scores_reference(q, centroids, log_sizes, scaling, block_size)
+        p = centroid_scores_reference(q, centroids, log_sizes, scaling, block_size, vote=vote)
         return torch.where(torch.isinf(log_sizes)[None, :, None, :], 0.0, p)
-    return centroid_keep_reference(q, centroids, log_sizes, scaling, block_size, threshold)
+    return centroid_keep_reference(q, centroids, log_sizes, scaling, block_size, threshold,
+                                   vote=vote)
 
 
 def sparse_prefill_reference(q, k, v, indices, counts, block_size, scaling, causal_start=None,
@@ -111,6 +114,7 @@ if HAS_TRITON:
         sq_b, sq_h, sq_t, sc_h, sc_k, sl_h,
         NSEG: tl.constexpr, FP32_DOT: tl.constexpr, TRANS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        VOTE_MAX: tl.constexpr = False,
     ):
         prog = tl.program_id(0)                 # (batch, kv head, tile of padded rows)
         tile = prog % n_rtiles
@@ -124,7 +128,10 @@ if HAS_TRITON:
         hq = (h * group + r // bs).to(tl.int64)
         row_ok = (r < group * bs) & (blk < n_blocks) & (t < q_len)
         n_valid = (tl.minimum(bs, q_len - blk * bs) * group).to(tl.float32)
-        w = tl.where(row_ok, 1.0 / tl.where(row_ok, n_valid, 1.0), 0.0)   # 1 / rows of block
+        if VOTE_MAX:                            # max over the rows: weight 1, padding 0
+            w = tl.where(row_ok, 1.0, 0.0)
+        else:                                   # mean: 1 / rows of the block
+            w = tl.where(row_ok, 1.0 / tl.where(row_ok, n_valid, 1.0), 0.0)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < head_dim
         x = tl.load(q_ptr + b * sq_b + hq[:, None] * sq_h + t[:, None].to(tl.int64) * sq_t
@@ -154,7 +161,8 @@ if HAS_TRITON:
         has = l_i > 0
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), 0.0)
         w = tl.where(has, w, 0.0)
-        # pass 2: sum_r w_r exp(s_rk - lse_r) per segment (block) of the tile
+        # pass 2: sum_r w_r exp(s_rk - lse_r) per segment (block) of the tile (VOTE_MAX: max_r;
+        # p >= 0, so the padding rows' 0 never wins)
         out = part_ptr + prog.to(tl.int64) * NSEG * n_cent
         if TRANS:
             # centroids as the rows of the dot (c x^T): the sum over query rows runs along the
@@ -175,9 +183,15 @@ if HAS_TRITON:
                 p = tl.where(use[:, None], tl.exp2(st * scaling2 - lse[None, :]), 0.0) \
                     * w[None, :]
                 if NSEG == 1:
-                    tl.store(out + kk, tl.sum(p, axis=1), mask=ok)
+                    if VOTE_MAX:
+                        tl.store(out + kk, tl.max(p, axis=1), mask=ok)
+                    else:
+                        tl.store(out + kk, tl.sum(p, axis=1), mask=ok)
                 else:
-                    ps = tl.sum(tl.reshape(p, (BLOCK_K, NSEG, BLOCK_M // NSEG)), axis=2)
+                    if VOTE_MAX:
+                        ps = tl.max(tl.reshape(p, (BLOCK_K, NSEG, BLOCK_M // NSEG)), axis=2)
+                    else:
+                        ps = tl.sum(tl.reshape(p, (BLOCK_K, NSEG, BLOCK_M // NSEG)), axis=2)
                     seg = tl.arange(0, NSEG)
                     tl.store(out + seg[None, :] * n_cent + kk[:, None], ps, mask=ok[:, None])
             else:
@@ -188,9 +202,15 @@ if HAS_TRITON:
                 p = tl.where(use[None, :], tl.exp2(s * scaling2 - lse[:, None]), 0.0) \
                     * w[:, None]
                 if NSEG == 1:
-                    tl.store(out + kk, tl.sum(p, axis=0), mask=ok)
+                    if VOTE_MAX:
+                        tl.store(out + kk, tl.max(p, axis=0), mask=ok)
+                    else:
+                        tl.store(out + kk, tl.sum(p, axis=0), mask=ok)
                 else:
-                    ps = tl.sum(tl.reshape(p, (NSEG, BLOCK_M // NSEG, BLOCK_K)), axis=1)
+                    if VOTE_MAX:
+                        ps = tl.max(tl.reshape(p, (NSEG, BLOCK_M // NSEG, BLOCK_K)), axis=1)
+                    else:
+                        ps = tl.sum(tl.reshape(p, (NSEG, BLOCK_M // NSEG, BLOCK_K)), axis=1)
                     seg = tl.arange(0, NSEG)
                     tl.store(out + seg[:, None] * n_cent + kk[None, :], ps, mask=ok[None, :])
 
@@ -303,9 +323,10 @@ def keep_row_layout(group: int, bs: int, nb: int, block_m: int):
 
 def prefill_keep(q, centroids, log_sizes, scaling: float, block_size: int | None,
                  threshold: float | None, *, backend: str = "auto",
-                 tuning: dict | None = None) -> torch.Tensor:
+                 tuning: dict | None = None, vote: str = "mean") -> torch.Tensor:
     """keep (b, kv, nb, k) bool (or the estimates, float32, for threshold None): see the
-    module docstring; the same function as `centroid_keep`."""
+    module docstring; the same function as `centroid_keep` (vote "mean" or "max" over a
+    block's query rows)."""
     if q.dim() != 4 or centroids.dim() != 3 or q.shape[-1] != centroids.shape[-1] \
             or q.shape[1] % centroids.shape[0]:
         raise WorkbenchError(f"prefill_keep: expected q (b, hq, q_len, d) and centroids "
@@ -313,8 +334,10 @@ def prefill_keep(q, centroids, log_sizes, scaling: float, block_size: int | None
                              f"{tuple(centroids.shape)}.")
     which = pick_backend(backend, (q, centroids, log_sizes), _prefill_keep_kernel,
                          op="prefill_keep", supported_dtypes=SUPPORTED_DTYPES)
+    _check_vote(vote)
     if which == "torch":
-        return prefill_keep_reference(q, centroids, log_sizes, scaling, block_size, threshold)
+        return prefill_keep_reference(q, centroids, log_sizes, scaling, block_size, threshold,
+                                      vote)
     b, hq, q_len, d = q.shape
     kv, k = centroids.shape[:2]
     g = hq // kv
@@ -339,12 +362,13 @@ def prefill_keep(q, centroids, log_sizes, scaling: float, block_size: int | None
         q, c, ln, part, q_len, k, g, bs, nb, kv, d, float(scaling) * LOG2E, rows_pad, n_rtiles,
         q.stride(0), q.stride(1), q.stride(2), c.stride(0), c.stride(1), ln.stride(0),
         NSEG=n_seg, FP32_DOT=_fp32_dot(q, c, interp), TRANS=bool(tuning["trans"]),
-        BLOCK_M=block_m, BLOCK_K=block_k,
+        VOTE_MAX=vote == "max", BLOCK_M=block_m, BLOCK_K=block_k,
         BLOCK_D=max(16, _next_pow2(d)), **extra)
     if n_seg > 1 or rows_pad == block_m:       # one (tile, segment) per block
         p = part.view(b, kv, n_rtiles * n_seg, k)[:, :, :nb]
     else:                                      # a block spans several tiles
-        p = part.view(b, kv, nb, rows_pad // block_m, k).sum(3)
+        tiles = part.view(b, kv, nb, rows_pad // block_m, k)
+        p = tiles.amax(3) if vote == "max" else tiles.sum(3)
     return p if threshold is None else p >= threshold
 
 

@@ -163,13 +163,17 @@ def test_select_and_attend_fused(case):
 @pytest.mark.parametrize("shape", [(1, 8, 2, 37, None, 70, 32),    # one set, GQA 4: 10 tiles
                                    (1, 4, 2, 7, 3, 41, 16),        # blocks of 6 rows: 2 a tile
                                    (2, 6, 3, 11, 4, 33, 40)])      # odd d, 3 blocks, b 2
-@pytest.mark.parametrize("trans", [True, False])
-def test_prefill_keep_kernel(shape, trans):
+@pytest.mark.parametrize("trans,vote", [(True, "mean"), (False, "mean"), (True, "max"),
+                                        (False, "max")])
+def test_prefill_keep_kernel(shape, trans, vote):
     from kernels.squeezed_prefill import prefill_keep as keep_fn
-    from kernels.squeezed_prefill import prefill_keep_reference
+    from kernels.squeezed_prefill import prefill_keep_reference as reference
 
     def prefill_keep(*a, **kw):
-        return keep_fn(*a, **kw, tuning={"trans": trans})
+        return keep_fn(*a, **kw, tuning={"trans": trans}, vote=vote)
+
+    def prefill_keep_reference(*a):
+        return reference(*a, vote=vote)
 
     b, hq, kv, q_len, block, k, d = shape
     gen, ctx = _gen()

@@ -201,8 +201,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     """Per (method, budget): perplexity from the mean nll over tasks, its change vs dense in %,
     facts and recall items answered, and the measured spend: mean kept fraction of the
     context's keys for the continuation, the questions and the recall items, and their max."""
-    dense = [r for r in rows if r["method"] == "dense"]
-    dense_nll = sum(r["nll"] for r in dense) / len(dense)
+    dense = [r for r in rows if r["method"] == "dense"]      # budget 1 (absent: change None)
+    dense_nll = sum(r["nll"] for r in dense) / len(dense) if dense else None
     groups: dict[tuple, list] = {}
     for r in rows:
         groups.setdefault((r["method"], r["budget"]), []).append(r)
@@ -212,7 +212,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         kept = {k: sum(r[k] for r in rs) / len(rs) for k in
                 ("kept_continuation", "kept_questions", "kept_recall") if k in rs[0]}
         out.append({"method": method, "budget": budget, "ppl": math.exp(nll),
-                    "ppl_change_pct": 100 * (math.exp(nll - dense_nll) - 1),
+                    "ppl_change_pct": None if dense_nll is None
+                    else 100 * (math.exp(nll - dense_nll) - 1),
                     "correct": sum(r["correct"] for r in rs),
                     "questions": sum(r["questions"] for r in rs),
                     "recall_correct": sum(r.get("recall_correct", 0) for r in rs),
@@ -220,6 +221,10 @@ def summarize(rows: list[dict]) -> list[dict]:
                     **kept, "kept_max": max(v for v in kept.values() if v == v)})
     return sorted(out, key=lambda r: (-r["budget"], METHODS.index(r["method"])
                                       if r["method"] in METHODS else -1))
+
+
+def _pct(x: float | None) -> str:
+    return f"{'n/a':>9s}" if x is None else f"{x:+8.2f}%"
 
 
 def items_right(r: dict) -> tuple[int, int]:
@@ -300,7 +305,7 @@ def format_summary(summary: list[dict]) -> str:
         kept = "/".join(f"{r[k]:.3f}" for k in ("kept_continuation", "kept_questions",
                                                   "kept_recall") if k in r)
         lines.append(f"{r['method']:18s} {r['budget']:7.4f} {r['ppl']:8.3f} "
-                     f"{r['ppl_change_pct']:+8.2f}% {r['correct']:3d}/{r['questions']:<3d} "
+                     f"{_pct(r['ppl_change_pct'])} {r['correct']:3d}/{r['questions']:<3d} "
                      f"{r.get('recall_correct', 0):3d}/{r.get('recall_items', 0):<3d} "
                      f"{kept:>25s}")
     return "\n".join(lines)

@@ -137,9 +137,9 @@ def centroid_estimates(plan: DevicePlan, layer: int, q: torch.Tensor,
     children of pruned coarse centroids, hierarchical). rows: one-level estimates from the
     prefill kernel (`kernels.squeezed_prefill.prefill_keep`, query rows stationary)."""
     if not plan.hierarchical:
-        if rows and plan.vote == "mean":
+        if rows:
             return prefill_keep(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
-                                block_size, None, backend=backend)
+                                block_size, None, backend=backend, vote=plan.vote)
         return centroid_keep(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
                              block_size, None, backend=backend, vote=plan.vote)
     pc = centroid_scores(q, plan.coarse[layer], plan.coarse_log_sizes[layer], plan.scaling,
@@ -170,9 +170,9 @@ def kept_centroids(plan: DevicePlan, layer: int, q: torch.Tensor, block_size: in
         p = centroid_estimates(plan, layer, q, block_size, backend, rows)
         return layer_allocation(p, plan.member_counts[layer], plan.layer_shares[layer],
                                 plan.labels.shape[-1])
-    if not plan.hierarchical and rows and plan.vote == "mean":
+    if not plan.hierarchical and rows:
         return prefill_keep(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
-                            block_size, plan.fine_threshold, backend=backend)
+                            block_size, plan.fine_threshold, backend=backend, vote=plan.vote)
     if not plan.hierarchical:                   # fused: estimates never leave the kernel
         return centroid_keep(q, plan.fine[layer], plan.fine_log_sizes[layer], plan.scaling,
                              block_size, plan.fine_threshold, backend=backend, vote=plan.vote,
