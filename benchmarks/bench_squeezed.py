@@ -43,6 +43,9 @@ Variants per case:
                       then whole clusters by an on-device argsort per query block.
   squeezed (1 set)    prefill only: one key set for all 512 user queries (the paper's choice).
   squeezed (block 64) prefill only: one key set per 64 user queries (fewer gathered bytes).
+  squeezed (R% centroids)  largest context, 1/8, with the variants: the default path with the
+                      centroid counts of the quality runs (QUALITY_CENTROID_RATIOS; the rows
+                      above use the paper's 5%); prefill rows use one key set.
   dense flash bound   prefill only: SDPA's flash kernel over the context keys, no mask: a lower
                       bound on any dense prefill (the masked SDPA above falls back to a slower
                       kernel); `best_variant_vs_flash_bound` in the targets.
@@ -432,6 +435,7 @@ DECODE_VARIANTS = (
 SPARSE_VARIANTS = ("prefetch 1", "prefetch 2", "prefetch 4, block_n 32", "stages 5",
                    "block_n 32, stages 5", "index ahead", "index ahead, stages 4")
 PROFILED_VARIANTS = ("prefetch 2", "prefetch 2, fuse_lse")
+QUALITY_CENTROID_RATIOS = (0.15, 0.25)   # timed next to the default 5% at the largest context
 
 
 PREFILL_TUNINGS = (      # kernels.squeezed_prefill.sparse_prefill (default 64, 64, 4 warps, 3)
@@ -585,6 +589,15 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
                                                     device))
         impls["squeezed (block 64)"] = lambda: fast_squeezed_attention(
             plans[(False, 64)], 0, q, k, v, 64, backend)
+    if variants:     # the quality runs' centroid counts (notebook 03: 15% of the keys; more
+        # centroids is the lever for far-back items), against the 5% of the rows above
+        for ratio in QUALITY_CENTROID_RATIOS:
+            block = 16 if mode == "decode" else None      # prefill: the one-set path
+            rp = _one_layer(random_plan(shape, n, q, budget, False, block, gen, dtype, device,
+                                        centroid_ratio=ratio))
+            label = "" if mode == "decode" else "1 set, "
+            impls[f"squeezed ({label}{ratio:.0%} centroids)"] = (
+                lambda p=rp, blk=block: fast_squeezed_attention(p, 0, q, k, v, blk, backend))
     # bytes a decode step must read: kept K/V rows, indices, centroids (one-level), labels, user
     kf = plan16.fine.shape[2]
     must = {
