@@ -589,6 +589,7 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
                                                     device))
         impls["squeezed (block 64)"] = lambda: fast_squeezed_attention(
             plans[(False, 64)], 0, q, k, v, 64, backend)
+    centroid_bytes = {}       # rows whose plan has other centroids than plan16's
     if variants:     # the quality runs' centroid counts (notebook 03: 15% of the keys; more
         # centroids is the lever for far-back items), against the 5% of the rows above
         for ratio in QUALITY_CENTROID_RATIOS:
@@ -598,6 +599,8 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
             label = "" if mode == "decode" else "1 set, "
             impls[f"squeezed ({label}{ratio:.0%} centroids)"] = (
                 lambda p=rp, blk=block: fast_squeezed_attention(p, 0, q, k, v, blk, backend))
+            centroid_bytes[f"squeezed ({label}{ratio:.0%} centroids)"] = \
+                kv * rp.fine.shape[2] * d * itemsize
     # bytes a decode step must read: kept K/V rows, indices, centroids (one-level), labels, user
     kf = plan16.fine.shape[2]
     must = {
@@ -646,6 +649,8 @@ def bench_case(shape: Shape, n: int, mode: str, budget: float, dtype, device: st
             nbytes = int(must["kept_kv"] + must["q_o"])
         elif name == "lookup only":
             nbytes = int(must["centroids"] + must["labels"])
+        elif name in centroid_bytes:
+            nbytes = int(sum(must.values()) - must["centroids"] + centroid_bytes[name])
         row = result_row(name=f"{shape.name} n{n // 1024}K {mode} 1/{round(1 / budget)}",
                          impl=name, shape={"q_heads": hq, "kv_heads": kv, "head_dim": d,
                                            "context": n, "user": u, "q_len": q_len,
