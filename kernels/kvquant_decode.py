@@ -950,20 +950,33 @@ def _check(q: torch.Tensor, p: PackedKV) -> None:
 
 
 def kvquant_decode_attention(q: torch.Tensor, packed: PackedKV, backend: str = "auto",
-                             n_splits: int | None = None, return_lse: bool = False, **launch):
+                             n_splits: int | None = None, return_lse: bool = False,
+                             extra_partial: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             **launch):
     """Attention of one query token per sequence over a packed KVQuant cache.
 
     q: (B, Hq, D) post-RoPE queries, Hq a multiple of the cache's kv heads (GQA); float16,
     bfloat16 or float32. Returns (B, Hq, D) in q.dtype, and with return_lse also the
     log-sum-exp of the scaled scores (B, Hq) float32, natural log (to merge with attention
-    over other keys). backend: "auto" | "triton" | "torch". launch: further options of
-    `kvquant_decode_triton` (key_sparse, value_sparse, ...).
+    over other keys). extra_partial: (o (B, Hq, D), lse (B, Hq)) of attention over other keys
+    (e.g. `kernels.window_decode.window_attention` over an unquantized window), merged in by
+    the same log-sum-exp merge launch as the kernel's splits. backend: "auto" | "triton" |
+    "torch". launch: further options of `kvquant_decode_triton` (key_sparse, value_sparse, ...).
     """
     _check(q, packed)
     which = pick_backend(backend, (q, packed.k_planes), _kvq_decode_kernel,
                          op="kvquant_decode_attention", supported_dtypes=SUPPORTED_DTYPES)
     if which == "torch":
-        return kvquant_decode_reference(q, packed, return_lse)
-    o, lse = kvquant_decode_triton(q, packed, n_splits, **launch)
-    merged, lse = merge_attention_partials(o, lse, backend="auto")
+        o, lse = kvquant_decode_reference(q, packed, return_lse=True)
+        o, lse = o[:, :, None], lse[:, :, None]                      # one part
+    else:
+        o, lse = kvquant_decode_triton(q, packed, n_splits, **launch)
+    if extra_partial is not None:
+        eo, el = extra_partial
+        o = torch.cat([o.float(), eo.float()[:, :, None]], 2)       # (B, Hq, parts + 1, D)
+        lse = torch.cat([lse.float(), el.float()[:, :, None]], 2)
+    if o.shape[2] == 1:
+        merged, lse = o[:, :, 0], lse[:, :, 0]
+    else:
+        merged, lse = merge_attention_partials(o, lse, backend="auto")
     return (merged.to(q.dtype), lse) if return_lse else merged.to(q.dtype)

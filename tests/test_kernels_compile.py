@@ -18,6 +18,7 @@ from kernels.kvquant_decode import _kvq_decode_kernel, kvquant_decode_triton
 from kernels.kvquant_pack import quantize_pack
 from kernels.lse_merge import merge_attention_partials
 from kernels.squeezed_attention import _prefetch_meta
+from kernels.window_decode import window_attention
 from tests.test_squeezed_fastpath import synthetic_index
 from workbench.kvquant.fused import random_layer, reblock
 from workbench.kvquant.levels import nf_levels
@@ -63,8 +64,8 @@ def run_squeezed_ops() -> None:
 
 def run_kvquant_ops() -> None:
     """The KVQuant decode kernel at 2, 3 and 4 bits with every launch option the benchmark
-    times (bf16 queries: the fp16 math and the PTX level lookup), its append kernel, and the
-    LSE merge."""
+    times (bf16 queries: the fp16 math and the PTX level lookup), its append kernel, the
+    recent window's partial and the LSE merge."""
     gen = torch.Generator().manual_seed(0)
     for bits in (2, 3, 4):
         packed = random_layer(1, 2, 70, 64, bits, 0.02, 1, generator=gen)
@@ -91,6 +92,9 @@ def run_kvquant_ops() -> None:
                       n_sink=1, backend="triton")
     merge_attention_partials(torch.randn(2, 4, 3, 64).to(BF16), torch.randn(2, 4, 3),
                              backend="triton")
+    kw = torch.randn(1, 2, 37, 64, generator=gen).to(BF16)
+    window_attention(torch.randn(1, 6, 64, generator=gen).to(BF16), kw, kw, 0.125,
+                     backend="triton")
 
 
 def gpu_only_options() -> dict[str, list[dict]]:

@@ -196,3 +196,39 @@ def test_kernel_reads_real_cache():
     dense = torch.nn.functional.scaled_dot_product_attention(
         q[:, :, None], k_cache, v_cache, enable_gqa=True)[:, :, 0]
     torch.testing.assert_close(got, dense, atol=1e-3, rtol=1e-3)
+
+
+@needs_triton
+@pytest.mark.parametrize("kv_heads,group,r,head_dim,dtype", [
+    (3, 3, 37, 64, torch.bfloat16),     # SmolLM2's GQA, a partial tile
+    (2, 1, 1, 32, torch.float16),       # one key
+    (1, 4, 70, 128, torch.float32),     # two tiles under the interpreter
+])
+def test_window_attention_kernel(kv_heads, group, r, head_dim, dtype):
+    """The recent window's partial (kernels.window_decode) against its reference, and merged
+    into the packed cache's attention by kvquant_decode_attention(extra_partial=...): the same
+    as attending to the dequantized quantized tokens and the window together."""
+    from kernels.window_decode import window_attention, window_attention_reference
+
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, kv_heads * group, head_dim, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(2, kv_heads, r, head_dim, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(2, kv_heads, r, head_dim, generator=gen).to(DEVICE, dtype)
+    scaling = head_dim ** -0.5
+    assert_matches_reference(
+        lambda *a: window_attention(*a, scaling, backend="triton"),
+        lambda *a: window_attention_reference(*a, scaling), (q, k, v), names=("o", "lse"),
+        context=f"(seed {seed})")
+
+    packed = random_layer(2, kv_heads, 90, head_dim, 3, 0.02, 1, device=DEVICE, generator=gen)
+    kq, vq = dequantize_packed(packed, torch.float64)     # (B, H, S, D) post-RoPE keys
+    part = window_attention(q, k, v, scaling, backend="triton")
+    got, lse = kvquant_decode_attention(q, packed, backend="triton", extra_partial=part,
+                                        return_lse=True)
+    want, want_lse = window_attention_reference(q.double(), torch.cat([kq, k.double()], 2),
+                                                torch.cat([vq, v.double()], 2), scaling)
+    torch.testing.assert_close(got.double(), want, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-2, rtol=1e-3)
+    ref = kvquant_decode_attention(q, packed, backend="torch", extra_partial=part)
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)

@@ -8,11 +8,13 @@ through `kernels.kvquant_decode` (the Triton kernel on a GPU, its PyTorch refere
 Inside the block every attention layer of `model` runs through workbench's registered attention
 function (`workbench.attention_registry`; nothing of transformers is copied). A step with one
 query token (decode) skips the dequantized copy of the cache: the kernel reads the packed codes,
-ranges and sparse outliers of the quantized tokens (`KVQuantLayer.packed`, made once per flush of
-the cache's recent window; its block-CSR of outliers grows block by block, `fused.GrowingPack`),
-plain attention covers the recent (unquantized) window (`window_attention`), and the two are merged by
-log-sum-exp. A step with several query tokens (prefill) attends to the dequantized cache with
-causal SDPA, as outside the block. Both see the same keys and values as the cache gives
+ranges and sparse outliers of the quantized tokens (`KVQuantLayer.packed`, made once per flush
+of the cache's recent window; its block-CSR of outliers grows block by block,
+`fused.GrowingPack`); attention over the recent (unquantized) window
+(`kernels.window_decode.window_attention`, one launch on a GPU) gives a partial that the
+kernel's split merge takes as one more part (one log-sum-exp merge launch for both). A step
+with several query tokens (prefill) attends to the dequantized cache with causal SDPA, as
+outside the block. Both see the same keys and values as the cache gives
 without the block; the numbers differ only by rounding. Needs KVQuant's pre-RoPE nuq methods
 (calibrated per-channel key ranges) and a head_dim the kernel takes (a power of two, 32-256);
 batches of equal-length prompts only (no padding mask).
@@ -26,6 +28,7 @@ from contextlib import contextmanager
 import torch
 
 from kernels.kvquant_decode import kvquant_decode_attention
+from kernels.window_decode import window_attention
 from workbench.attention_registry import attention_state, dense_causal
 from workbench.errors import WorkbenchError
 
@@ -45,34 +48,16 @@ class FusedDecode:
         layer = self.cache.layers[layer_idx]
         d = q.shape[-1]
         packed, recent = layer.packed(), layer.recent()
-        parts = []
-        if packed is not None:
-            # the kernel scales scores by 1/sqrt(D); a model with another scaling gets it via q
-            qs = q[:, :, 0] * (scaling * math.sqrt(d)) if scaling != d ** -0.5 else q[:, :, 0]
-            parts.append(kvquant_decode_attention(qs, packed, backend=self.backend,
-                                                  return_lse=True))
-            self.fused_steps += 1
-        if recent is not None:
-            parts.append(window_attention(q[:, :, 0], *recent, scaling))
-        if len(parts) == 1:
-            return parts[0][0][:, :, None]
-        (o1, lse1), (o2, lse2) = parts
-        lse = torch.logaddexp(lse1, lse2)                                    # (B, Hq)
-        out = o1.float() * torch.exp(lse1 - lse)[..., None] \
-            + o2.float() * torch.exp(lse2 - lse)[..., None]
-        return out.to(q.dtype)[:, :, None]
-
-
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float):
-    """One query token over a few keys, all visible: q (B, Hq, D), k, v (B, H, r, D) ->
-    (out (B, Hq, D) in q.dtype, lse (B, Hq) float32 of the scaled scores, natural log)."""
-    b, hq, d = q.shape
-    h = k.shape[1]
-    qg = q.view(b, h, hq // h, d).float()                               # (B, H, G, D)
-    scores = (qg @ k.float().transpose(-1, -2)) * scaling               # (B, H, G, r)
-    lse = torch.logsumexp(scores, dim=-1)                                # (B, H, G)
-    out = torch.exp(scores - lse[..., None]) @ v.float()                 # (B, H, G, D)
-    return out.reshape(b, hq, d).to(q.dtype), lse.reshape(b, hq)
+        window = None
+        if recent is not None:          # one launch on a GPU: (o, lse) float32 partial
+            window = window_attention(q[:, :, 0], *recent, scaling, backend=self.backend)
+        if packed is None:
+            return window[0].to(q.dtype)[:, :, None]
+        # the kernel scales scores by 1/sqrt(D); a model with another scaling gets it via q
+        qs = q[:, :, 0] * (scaling * math.sqrt(d)) if scaling != d ** -0.5 else q[:, :, 0]
+        self.fused_steps += 1
+        out = kvquant_decode_attention(qs, packed, backend=self.backend, extra_partial=window)
+        return out[:, :, None]                               # the window merged with the splits
 
 
 def check_fusable(cache) -> None:
