@@ -3,13 +3,15 @@ centroids and kept keys stream past them (the FlashAttention loop), 64 rows per 
 H200's fastest, `ATTN_TUNING` / `KEEP_TUNING`).
 
 Measured on the H200 (benchmarks/results/squeezed_nvidia_h200.json, 128K context, budget 1/8,
-512 user tokens, CUDA graphs): one key set per KV head, lookup included, 0.782 ms vs dense SDPA
-3.768 ms (4.8x, Llama-2-7B shape) and 0.702 vs 3.770 ms (5.4x, Llama-3-8B shape); the context
-attention alone runs at ~280 TFLOP/s (137 GFLOP in 0.49 ms), about dense SDPA's rate.
+512 user tokens, CUDA graphs, max vote): one key set per KV head, lookup included, 0.752 ms vs
+dense SDPA 3.756 ms (5.0x, Llama-2-7B shape) and 0.700 vs 3.741 ms (5.3x, Llama-3-8B shape);
+the context attention alone runs at ~280 TFLOP/s (137 GFLOP in 0.49 ms), about dense SDPA's
+rate.
 
 prefill_keep(q, centroids, log_sizes, scaling, block_size, threshold) -> keep
-    The same flags as `kernels.squeezed_select.centroid_keep` (p_k = mean over a block's rows of
-    exp(s_rk - lse_r), lse_r = log sum_j N_j exp(s_rj); keep = p_k >= threshold), computed by
+    The same flags as `kernels.squeezed_select.centroid_keep` (p_k = mean, or with vote="max"
+    max, over a block's rows of exp(s_rk - lse_r), lse_r = log sum_j N_j exp(s_rj); keep =
+    p_k >= threshold), computed by
     one launch over (batch, KV head, tile of BLOCK_M query rows): pass 1 streams every centroid
     tile for the rows' lse (online, as FlashAttention does), pass 2 streams them again and sums
     exp(s_rk - lse_r) over the tile's rows, segment by segment when a tile holds several blocks
