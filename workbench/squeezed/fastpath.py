@@ -19,7 +19,7 @@ straight from kept centroids and 2-byte labels: `select_and_attend`) and the use
 launch with the query rows stationary (`prefill_keep`) -> `select_chunks` + a pack into one
 flat list per query block (`select_flat`) -> one gathered FlashAttention launch over 64-row
 tiles (a GQA group's query heads stacked into the rows) covering the user tokens, no merge
-(`sparse_prefill`): 4.8x / 5.4x dense SDPA at 128K, 1/8, one key set, Llama-2 / Llama-3 shape
+(`sparse_prefill`): 5.0x / 5.3x dense SDPA at 128K, 1/8, one key set, Llama-2 / Llama-3 shape
 on the H200 (benchmarks/results/squeezed_nvidia_h200.json). Bytes that grow with the context, per KV head: fine
 centroids (one-level: 5% of the keys' K bytes; hierarchical: the coarse level plus the kept
 coarse centroids' children), labels (2 bytes per key), and the kept K/V rows
