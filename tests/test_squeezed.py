@@ -178,6 +178,13 @@ def test_budget_one_reproduces_dense_logits_and_budget_is_spent(setup):
         assert 0.3 < sq.kept_fraction() < 0.75, sq.kept_fraction()
         assert sq.kept_per_head().shape == (model.config.num_hidden_layers,
                                             model.config.num_key_value_heads)
+    # a larger coarse margin reaches the selector: a lower coarse threshold, more children
+    coarse = []
+    for factor in (3.0, 6.0):
+        with squeezed_attention(model, index, budget=0.1, hierarchical=True,
+                                coarse_factor=factor) as sq:
+            coarse.append(sq.selector.thresholds.coarse)
+    assert coarse[1] < coarse[0], coarse
     assert model.config._attn_implementation != "workbench_attention"      # switched back
 
 

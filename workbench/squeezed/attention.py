@@ -175,7 +175,7 @@ class SqueezedAttention:
 def squeezed_attention(model, method: SqueezedIndex | Selector, budget: float | None = None, *,
                        hierarchical: bool = False, block_size: int | None = 16,
                        vote: str = "max", allocation: str = "layer", context_ids=None,
-                       backend: str = "auto"):
+                       backend: str = "auto", coarse_factor: float = 3.0):
     """Turn squeezed attention on for `model` inside the block; yields the `SqueezedAttention`.
 
     method: a `SqueezedIndex` (with `budget`, `hierarchical`, `block_size`, `vote`: how the
@@ -187,7 +187,9 @@ def squeezed_attention(model, method: SqueezedIndex | Selector, budget: float | 
     out, see `SqueezedSelector`; the default "layer" spends exactly the budget over the model,
     "capped" at most the budget in every KV head and block), or any `Selector`
     (a baseline) together with `context_ids` or an index's context length. context_ids, when
-    given, are checked against the index (a clear error for another context).
+    given, are checked against the index (a clear error for another context). coarse_factor
+    (hierarchical): the coarse level keeps about this many times the budget's keys, whose fine
+    centroids are then scored.
     """
     if isinstance(method, SqueezedIndex):
         if budget is None:
@@ -196,7 +198,8 @@ def squeezed_attention(model, method: SqueezedIndex | Selector, budget: float | 
         method.check(model, context_ids)
         index = method
         selector = SqueezedSelector(index, budget, hierarchical=hierarchical,
-                                    block_size=block_size, vote=vote, allocation=allocation)
+                                    block_size=block_size, vote=vote, allocation=allocation,
+                                    coarse_factor=coarse_factor)
         context_len = index.context_len
     elif isinstance(method, Selector):
         index = None

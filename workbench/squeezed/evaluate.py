@@ -58,7 +58,8 @@ DEFAULT_OUT = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
 def method_context(model, method: str, index, budget: float, context_ids,
-                   block_size: int | None = 1, allocation: str = "layer", vote: str = "max"):
+                   block_size: int | None = 1, allocation: str = "layer", vote: str = "max",
+                   coarse_factor: float = 3.0):
     """The `squeezed_attention` context manager for a method name at a budget.
 
     squeezed / squeezed-hier: one-level / hierarchical lookup with `allocation` (see
@@ -67,14 +68,15 @@ def method_context(model, method: str, index, budget: float, context_ids,
     squeezed-max: one level with vote="max" whatever `vote` says (the same as "squeezed" under
     the default vote; kept as the label of squeezed_quality_vote_max.json's rows, measured
     while the default was still the mean). vote: how the other squeezed methods' query rows
-    combine their estimates ("max", the default, or the paper's "mean")."""
+    combine their estimates ("max", the default, or the paper's "mean"). coarse_factor:
+    squeezed-hier's coarse margin (`SqueezedSelector`)."""
     ns, win = index.n_sink, index.window
     if method == "squeezed":
         return squeezed_attention(model, index, budget, block_size=block_size,
                                   allocation=allocation, vote=vote)
     if method == "squeezed-hier":
         return squeezed_attention(model, index, budget, hierarchical=True, block_size=block_size,
-                                  allocation=allocation, vote=vote)
+                                  allocation=allocation, vote=vote, coarse_factor=coarse_factor)
     if method == "squeezed-threshold":
         return squeezed_attention(model, index, budget, block_size=block_size,
                                   allocation="threshold", vote=vote)
@@ -143,7 +145,8 @@ def _generate(model, tokenizer, cache, task, user_ids, ctx, max_new_tokens):
 def evaluate_task(model, tokenizer, task: QualityTask, budgets=BUDGETS, methods=DEFAULT_METHODS,
                   block_size: int | None = 1, window: int = 64, log=print,
                   centroid_ratio: float = 0.15, allocation: str = "layer",
-                  n_recall: int = 12, vote: str = "max", outlier_ratio: float = 0.0) -> dict:
+                  n_recall: int = 12, vote: str = "max", outlier_ratio: float = 0.0,
+                  coarse_factor: float = 3.0) -> dict:
     """Every method at every budget on one task. Returns {"task", "build_s", "recall", "rows"}.
 
     Per row: perplexity of the continuation, facts answered, recall items continued, and the
@@ -164,7 +167,7 @@ def evaluate_task(model, tokenizer, task: QualityTask, budgets=BUDGETS, methods=
 
             def ctx(name=name, budget=budget):
                 return method_context(model, name, index, budget, task.context_ids, block_size,
-                                      allocation, vote)
+                                      allocation, vote, coarse_factor)
 
             nll, kept = continuation_nll(model, cap.cache, task, ctx())
             answers = []
@@ -331,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outlier-ratio", type=float, default=0.0,
                         help="share of the clustered keys kept as singleton clusters (those "
                              "that fit their cluster worst; build_index's outlier_ratio)")
+    parser.add_argument("--coarse-factor", type=float, default=3.0,
+                        help="squeezed-hier: the coarse level keeps about this many times the "
+                             "budget's keys")
     parser.add_argument("--allocation", default="layer",
                         help="how squeezed shares out the budget (see SqueezedSelector)")
     parser.add_argument("--recall", type=int, default=12, help="recall items per context")
@@ -353,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     results = [evaluate_task(model, tokenizer, t, budgets, methods, block, args.window,
                              centroid_ratio=args.centroid_ratio, allocation=args.allocation,
                              n_recall=args.recall, vote=args.vote,
-                             outlier_ratio=args.outlier_ratio) for t in tasks]
+                             outlier_ratio=args.outlier_ratio,
+                             coarse_factor=args.coarse_factor) for t in tasks]
     rows = [r for res in results for r in res["rows"]]
     summary = summarize(rows)
     print(format_summary(summary))
@@ -364,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         "setup": {"tasks": [t.name for t in tasks], "context_len": args.context_len,
                   "continuation_len": args.continuation_len, "block_size": block,
                   "window": args.window, "n_sink": 4, "centroid_ratio": args.centroid_ratio,
-                  "coarse_ratio": 0.125, "allocation": args.allocation, "vote": args.vote,
+                  "coarse_ratio": 0.125, "coarse_factor": args.coarse_factor,
+                  "allocation": args.allocation, "vote": args.vote,
                   "outlier_ratio": args.outlier_ratio,
                   "facts_per_task": len(tasks[0].facts),
                   "recall_items": [len(r["recall"]) for r in results],
