@@ -104,7 +104,12 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling:
     which = pick_backend(backend, (q, k, v), _window_kernel, op="window_attention",
                          supported_dtypes=SUPPORTED_DTYPES)
     d = q.shape[-1]
-    if which == "torch" or d < 16 or d & (d - 1):          # the kernel: D a power of two
+    if which == "triton" and (d < 16 or d & (d - 1)):      # the kernel: D a power of two
+        if backend == "triton":
+            raise WorkbenchError(f"window_attention: the Triton kernel takes head_dim a power "
+                                 f"of two >= 16, got {d}; use backend='torch' or 'auto'.")
+        which = "torch"
+    if which == "torch":
         return window_attention_reference(q, k, v, scaling)
     b, hq, _ = q.shape
     h, r = k.shape[1], k.shape[2]

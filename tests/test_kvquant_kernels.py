@@ -232,3 +232,5 @@ def test_window_attention_kernel(kv_heads, group, r, head_dim, dtype):
     torch.testing.assert_close(lse.double(), want_lse, atol=2e-2, rtol=1e-3)
     ref = kvquant_decode_attention(q, packed, backend="torch", extra_partial=part)
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    with pytest.raises(WorkbenchError, match="power of two"):
+        window_attention(q[..., :24], k[..., :24], v[..., :24], scaling, backend="triton")
