@@ -49,6 +49,7 @@ from benchmarks.harness import (  # noqa: E402
     time_ms,
     write_results,
 )
+from kernels.hadamard import hadamard  # noqa: E402
 from kernels.kvquant_decode import (  # noqa: E402
     kvquant_decode_attention,
     kvquant_decode_reference,
@@ -131,6 +132,10 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="32K only")
     parser.add_argument("--contexts", default="32768,131072")
     parser.add_argument("--all-bits", action="store_true", help="also nuq2-1%% and nuq4-1%%")
+    parser.add_argument("--value-rotation", default="hadamard", choices=("hadamard", "none"),
+                        help="values in the Hadamard basis (KVQuant's default here): the "
+                             "partial outputs are rotated back before the merge")
+    parser.add_argument("--levels-per", default="layer", choices=("layer", "head"))
     parser.add_argument("--budget-s", type=float, default=250.0,
                         help="stop starting new cases after this many seconds")
     parser.add_argument("--profile", action="store_true",
@@ -176,7 +181,8 @@ def main(argv=None):
                 try:
                     torch.cuda.empty_cache()
                     packed = random_layer(1, hkv, s, d, bits, frac, sink, device="cuda",
-                                          generator=gen)
+                                          generator=gen, levels_per=args.levels_per,
+                                          value_rotation=args.value_rotation)
                     q = torch.randn(1, hq, d, generator=gen).to("cuda", torch.bfloat16)
                     # correctness against the float64 reference
                     out = kvquant_decode_attention(q, packed, backend="triton")
@@ -212,6 +218,8 @@ def main(argv=None):
 
                             def run(n_spl=n_spl, q=q, pk=pk, opts=opts):
                                 o, lse = kvquant_decode_triton(q, pk, n_spl, **opts)
+                                if pk.v_hadamard:      # as kvquant_decode_attention does
+                                    o = o @ hadamard(o.shape[-1], o.device)
                                 return merge_attention_partials(o, lse)
                             runs[key] = run
                             got = run()[0].to(q.dtype)
@@ -274,6 +282,7 @@ def main(argv=None):
             "timing": "each time the faster of triton's do_bench median and a CUDA-graph "
                       "replay median (all_settings_eager_ms / all_settings_graph_ms)",
             "data": "random tensors with a few large key channels, quantized by the reference",
+            "value_rotation": args.value_rotation, "levels_per": args.levels_per,
             "copy_gbps": peak, "seconds": time.time() - t_start, "log": lines}
     path = write_results("kvquant_decode_h200", rows, device="cuda", meta=meta, out_dir=args.out)
     print_table(rows, ("name", "impl", "median_ms", "speedup", "gbps", "frac_of_copy_bw"))

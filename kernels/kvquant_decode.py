@@ -5,8 +5,11 @@ KVQuant stores them (`workbench.kvquant.quantize`):
 
     keys    pre-RoPE, b-bit codes (B, H, S, bits, D/8) uint8 in the layout of
             `kernels.kvquant_layout`, dequantized as
-            k = table_k[code] * scale_k[h, d] + zero_k[h, d]   (per-channel, calibrated)
-    values  b-bit codes (B, H, S, bits, D/8) uint8, v = table_v[code] * scale_v[b,h,s] + zero_v
+            k = table_k[h, code] * scale_k[h, d] + zero_k[h, d]   (per-channel, calibrated)
+    values  b-bit codes (B, H, S, bits, D/8) uint8, v = table_v[h, code] * scale_v[b,h,s] + zero_v
+    tables  one level table per KV head (H, 2^bits), or one for all heads (2^bits,)
+    rotated values (`v_hadamard`): the values were quantized as v @ H (H the orthonormal
+            Hadamard matrix); the kernel attends in that basis and the output is rotated back
     sparse  the outliers and the attention-sink tokens: fp16 deltas added to the dense values,
             as a block-CSR per (batch, kv head): blocks of BLOCK_N tokens, entry = int16
             (token_in_block * D + d) and fp16 delta; `ptr` (n_blocks*B*H + 1) int32 offsets,
@@ -110,6 +113,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.dispatch import HAS_TRITON, is_interpreted, pick_backend, tl, triton
+from kernels.hadamard import hadamard
 from kernels.kvquant_layout import unpack_codes
 from kernels.lse_merge import merge_attention_partials
 from workbench.errors import WorkbenchError
@@ -125,11 +129,11 @@ class PackedKV:
     k_planes: torch.Tensor      # (B, H, S, bits, D/8) uint8
     k_zero: torch.Tensor        # (H, D) float32
     k_scale: torch.Tensor       # (H, D) float32
-    k_table: torch.Tensor       # (2^bits,) float32
+    k_table: torch.Tensor       # (2^bits,) or per KV head (H, 2^bits) float32
     v_planes: torch.Tensor      # (B, H, S, bits, D/8) uint8
     v_zero: torch.Tensor        # (B, H, S) float16
     v_scale: torch.Tensor       # (B, H, S) float16
-    v_table: torch.Tensor       # (2^bits,) float32
+    v_table: torch.Tensor       # (2^bits,) or (H, 2^bits) float32
     k_ptr: torch.Tensor         # (n_blocks*B*H + 1,) int32, block-major
     k_idx: torch.Tensor         # (nnz_k,) int16: token_in_block * D + d, by token in a block
     k_val: torch.Tensor         # (nnz_k,) float16
@@ -141,6 +145,8 @@ class PackedKV:
     block: int = BLOCK_N
     k_tok: torch.Tensor | None = None   # (n_blocks*B*H*block,) int16: start of each token's key
                                         # entries relative to its block's (the key pre-pass)
+    v_hadamard: bool = False    # values (codes, ranges, outliers) are in the Hadamard basis:
+                                # v = (dequantized) @ H, and so is the attention output
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
@@ -228,6 +234,13 @@ def _unpack(planes: torch.Tensor) -> torch.Tensor:
     return unpack_codes(planes).long()
 
 
+def _levels_of(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """table[codes] for codes (B, H, S, D): one table (K,), or one per KV head (H, K)."""
+    if table.dim() == 1:
+        return table[codes]
+    return table[torch.arange(table.shape[0], device=codes.device)[None, :, None, None], codes]
+
+
 def csr_entries(ptr: torch.Tensor, idx: torch.Tensor, bh_count: int, head_dim: int,
                 block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each block-CSR entry's (batch x head, token, channel), int64 (E,) each."""
@@ -249,12 +262,14 @@ def _scatter_csr(dense: torch.Tensor, ptr, idx, val, block: int) -> torch.Tensor
 def dequantize_packed(p: PackedKV, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Post-RoPE keys and values (B, H, S, D) in `dtype` (float32 or float64 math)."""
     b, h, s, d, _ = p.shape
-    k = p.k_table.to(dtype)[_unpack(p.k_planes)] * p.k_scale.to(dtype)[None, :, None] \
+    k = _levels_of(p.k_table.to(dtype), _unpack(p.k_planes)) * p.k_scale.to(dtype)[None, :, None] \
         + p.k_zero.to(dtype)[None, :, None]
     k = _scatter_csr(k, p.k_ptr, p.k_idx, p.k_val, p.block)
-    v = p.v_table.to(dtype)[_unpack(p.v_planes)] * p.v_scale.to(dtype)[..., None] \
+    v = _levels_of(p.v_table.to(dtype), _unpack(p.v_planes)) * p.v_scale.to(dtype)[..., None] \
         + p.v_zero.to(dtype)[..., None]
     v = _scatter_csr(v, p.v_ptr, p.v_idx, p.v_val, p.block)
+    if p.v_hadamard:                                                   # back from the basis
+        v = v @ hadamard(d, v.device, dtype)
     pos = torch.arange(s, device=k.device, dtype=dtype)
     ang = pos[:, None] * p.inv_freq.to(dtype)[None, :]                 # (S, D/2)
     cos, sin = torch.cos(ang) * p.rope_scale, torch.sin(ang) * p.rope_scale
@@ -577,7 +592,8 @@ if HAS_TRITON:
         S, H, G, n_blocks, n_splits, tiles_per_split, qk_scale, SP,
         BITS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
         GS: tl.constexpr, E_CHUNK: tl.constexpr, HAS_KS: tl.constexpr, HAS_VS: tl.constexpr,
-        HALF_MATH: tl.constexpr, USE_ASM: tl.constexpr, KS_MODE: tl.constexpr = 0,
+        HALF_MATH: tl.constexpr, USE_ASM: tl.constexpr, TBL: tl.constexpr = 8,
+        KS_MODE: tl.constexpr = 0,
         VS_MODE: tl.constexpr = 0, QROT: tl.constexpr = 0, FMA: tl.constexpr = 0,
     ):
         # KS_MODE 0: key outliers by segment sums in the loop; 1: their score corrections
@@ -616,6 +632,10 @@ if HAS_TRITON:
         kz2 = tl.load(kz_ptr + h * D + hi).to(MATH)
         n_local = tl.arange(0, BLOCK_N)
         ct = _table_like_levels(rtab_ptr, BLOCK_N, HALF, NG, MATH)
+        kt_h = kt_ptr + h * TBL                                       # this KV head's levels:
+        vt_h = vt_ptr + h * TBL                                       # (TBL,) and 4 prmt
+        kreg_h = kreg_ptr + h * 4                                     # registers
+        vreg_h = vreg_ptr + h * 4
         st = _table_like_levels(rtab_ptr + BLOCK_N * HALF, BLOCK_N, HALF, NG, MATH)
 
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -650,7 +670,7 @@ if HAS_TRITON:
                 qb = _rows(q2 * cb - q1 * sb, GS, BLOCK_G).to(MATH)
             row_w = (bh.to(tl.int64) * S + offs_n) * (BITS * NG)        # word offset of planes
             # keys: codes -> levels -> per-channel scale/zero -> RoPE by the in-tile offset
-            k1, k2 = _decode(kw_ptr, row_w, n_ok, kt_ptr, kreg_ptr, BITS, NG, BLOCK_N, MATH,
+            k1, k2 = _decode(kw_ptr, row_w, n_ok, kt_h, kreg_h, BITS, NG, BLOCK_N, MATH,
                              USE_ASM)
             k1 = k1 * ks1[None, :] + kz1[None, :]
             k2 = k2 * ks2[None, :] + kz2[None, :]
@@ -691,7 +711,7 @@ if HAS_TRITON:
             # finite levels: no select needed)
             vz = tl.load(vz_ptr + bh.to(tl.int64) * S + offs_n, mask=n_ok, other=0.0).to(MATH)
             vs = tl.load(vs_ptr + bh.to(tl.int64) * S + offs_n, mask=n_ok, other=0.0).to(MATH)
-            v1, v2 = _decode(vw_ptr, row_w, n_ok, vt_ptr, vreg_ptr, BITS, NG, BLOCK_N, MATH,
+            v1, v2 = _decode(vw_ptr, row_w, n_ok, vt_h, vreg_h, BITS, NG, BLOCK_N, MATH,
                              USE_ASM)
             v1 = v1 * vs[:, None] + vz[:, None]
             v2 = v2 * vs[:, None] + vz[:, None]
@@ -793,17 +813,23 @@ def tile_table(inv_freq: torch.Tensor, block: int, n_blocks: int,
     return _cached(inv_freq, ("tile", block, cap, dtype), make)
 
 
-def level_tables(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(levels in fp16 (8,), the prmt registers (4,) int32: low bytes of levels 0-3, 4-7, high
-    bytes of levels 0-3, 4-7) of a level table of up to 8 entries (up to 16: fp16 levels only)."""
+def level_tables(table: torch.Tensor, heads: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One row per KV head (a single table (K,) is repeated): levels in fp16 and in float32
+    (H, max(8, K)), zero-padded, and the prmt registers (H, 4) int32 (low bytes of levels 0-3,
+    4-7, high bytes of levels 0-3, 4-7: tables of up to 8 entries; 16: fp16/fp32 levels only)."""
     def make():
-        n = max(8, table.numel())
-        t16 = torch.zeros(n, dtype=torch.float16, device=table.device)
-        t16[: table.numel()] = table.half()
-        b = t16[:8].contiguous().view(torch.uint8)                     # little endian: lo, hi
-        regs = torch.stack([b[0:8:2], b[8:16:2], b[1:8:2], b[9:16:2]]).contiguous()
-        return t16, regs.view(torch.int32).reshape(4)
-    return _cached(table, ("levels",), make)
+        t = table.float().reshape(-1, table.shape[-1]).expand(heads, -1)   # (H, K)
+        n = max(8, t.shape[1])
+        t32 = torch.zeros(heads, n, dtype=torch.float32, device=table.device)
+        t32[:, : t.shape[1]] = t
+        t16 = t32.half()
+        b = t16[:, :8].contiguous().view(torch.uint8)                  # little endian: lo, hi
+        regs = torch.stack([b[:, 0:8:2], b[:, 8:16:2], b[:, 1:8:2], b[:, 9:16:2]], 1)
+        return t16, t32, regs.contiguous().view(torch.int32).reshape(heads, 4)
+    if table.dim() == 2 and table.shape[0] != heads:
+        raise WorkbenchError(f"kvquant_decode: {table.shape[0]} level tables for {heads} heads.")
+    return _cached(table, ("levels", heads), make)
 
 
 _MIN_PROGRAMS = 1056      # about eight programs per multiprocessor on an H200 (132 SMs): the
@@ -904,16 +930,16 @@ def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = N
                          dtype=torch.float16 if half_math else torch.float32)
         _qrot_kernel[(b * hq, triton_cdiv(n_blocks, 16))](qr, qc, ttab, n_blocks, D=d, TB=16,
                                                           num_warps=4)
-    kt16, kregs = level_tables(p.k_table)
-    vt16, vregs = level_tables(p.v_table)
+    kt16, kt32, kregs = level_tables(p.k_table, h)
+    vt16, vt32, vregs = level_tables(p.v_table, h)
     qk_scale = float(p.rope_scale) / math.sqrt(d) * 1.4426950408889634
     gs = triton.next_power_of_2(g)
     _kvq_decode_kernel[(b * h, n_splits)](
         qc, o, lse,
         p.k_planes.view(torch.int32), p.k_zero, p.k_scale,
-        kt16 if half_math else p.k_table, kregs,
+        kt16 if half_math else kt32, kregs,
         p.v_planes.view(torch.int32), p.v_zero, p.v_scale,
-        vt16 if half_math else p.v_table, vregs,
+        vt16 if half_math else vt32, vregs,
         p.k_ptr, p.k_idx if has_ks else dummy_i, p.k_val if has_ks else dummy_v,
         p.v_ptr, p.v_idx if has_vs else dummy_i, p.v_val if has_vs else dummy_v,
         rtab, ttab, kc, s_buf, qr,
@@ -921,6 +947,7 @@ def kvquant_decode_triton(q: torch.Tensor, p: PackedKV, n_splits: int | None = N
         BITS=bits, D=d, BLOCK_N=p.block, BLOCK_G=1 if fma else max(16, gs), GS=gs,
         E_CHUNK=e_chunk,
         HAS_KS=has_ks, HAS_VS=has_vs, HALF_MATH=half_math, USE_ASM=bool(use_asm),
+        TBL=kt16.shape[1],
         num_warps=num_warps, num_stages=num_stages,
         **({"KS_MODE": 1} if ks_mode else {}), **({"VS_MODE": 1} if vs_mode else {}),
         **({"QROT": 1} if qrot else {}), **({"FMA": 1} if fma else {}),
@@ -943,6 +970,10 @@ def _check(q: torch.Tensor, p: PackedKV) -> None:
                              f"32 to 256, got {d}.")
     if s == 0:
         raise WorkbenchError("kvquant_decode_attention: the cache is empty.")
+    for t in (p.k_table, p.v_table):
+        if t.dim() not in (1, 2) or (t.dim() == 2 and t.shape[0] != h) or t.shape[-1] > 16:
+            raise WorkbenchError(f"kvquant_decode_attention: level tables {tuple(t.shape)} for "
+                                 f"{h} KV heads: give (2^bits,) or (kv_heads, 2^bits).")
     if p.block not in (32, BLOCK_N):
         raise WorkbenchError(f"kvquant_decode_attention: the sparse part must use blocks of "
                              f"32 or {BLOCK_N} tokens (block_csr(..., block={BLOCK_N})); the "
@@ -971,6 +1002,8 @@ def kvquant_decode_attention(q: torch.Tensor, packed: PackedKV, backend: str = "
         o, lse = o[:, :, None], lse[:, :, None]                      # one part
     else:
         o, lse = kvquant_decode_triton(q, packed, n_splits, **launch)
+        if packed.v_hadamard:             # partials over rotated values: rotate back (linear,
+            o = o @ hadamard(o.shape[-1], o.device)  # so before or after the merge is the same)
     if extra_partial is not None:
         eo, el = extra_partial
         o = torch.cat([o.float(), eo.float()[:, :, None]], 2)       # (B, Hq, parts + 1, D)

@@ -7,10 +7,12 @@ Two modes, as in `workbench.kvquant.quantize`:
   per-row thresholds [cut_lo, cut_hi] being outliers (pass -inf/inf for none); zero/scale are
   written per row in fp16.
 - per-channel (pre-RoPE keys): ranges lo/hi (H, D) come from calibration; elements outside
-  them are outliers when `outliers` is set (else clamped).
+  them (by more than RANGE_TOLERANCE of the half-range) are outliers when `outliers` is set
+  (else clamped).
 
 Either way: u = clamp((x - zero) / scale, -1, 1), code = index of the nearest level (count of
-decision midpoints below u), packed into bit planes (rows, bits, D/8) uint8 in the layout of
+decision midpoints below u; `levels` and `table` are (K,) for every row, or (heads, K): one
+table per KV head, h = (r // rows_per_head) % heads), packed into bit planes (rows, bits, D/8) uint8 in the layout of
 `kernels.kvquant_layout` (32-bit words per plane and group of 32 channels); and a dense fp16
 residual (rows, D) holding x - dequant(code) at the outliers and at the rows of sink positions
 (position < n_sink), 0 elsewhere. The caller keeps the nonzero residuals as the sparse part.
@@ -27,6 +29,8 @@ from kernels.dispatch import HAS_TRITON, pick_backend, tl, triton
 from kernels.kvquant_layout import pack_codes
 from workbench.errors import WorkbenchError
 
+RANGE_TOLERANCE = 1e-4      # = workbench.kvquant.quantize.RANGE_TOLERANCE (see there)
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -38,11 +42,12 @@ def quantize_pack_reference(x, levels, table, bits, *, cut_lo=None, cut_hi=None,
                             hi=None, heads=1, rows_per_head=1, pos0=0, n_sink=0,
                             outliers=True):
     """PyTorch reference. x (rows, D). Per-token mode: cut_lo/cut_hi (rows,). Per-channel mode:
-    lo/hi (heads, D). Returns planes (rows, bits, D/8) uint8, zero (rows,) fp16 | None,
+    lo/hi (heads, D). levels, table: (K,) or (heads, K). Returns planes (rows, bits, D/8) uint8, zero (rows,) fp16 | None,
     scale (rows,) fp16 | None, residual (rows, D) fp16."""
     xf = x.float()
     rows, d = xf.shape
     r = torch.arange(rows, device=x.device)
+    h = (r // rows_per_head) % heads                                  # (rows,) KV head
     if lo is None:                                                    # per token
         out = (xf < cut_lo.float()[:, None]) | (xf > cut_hi.float()[:, None])
         inf = torch.tensor(float("inf"), device=x.device)
@@ -52,16 +57,18 @@ def quantize_pack_reference(x, levels, table, bits, *, cut_lo=None, cut_hi=None,
         zero16, scale16 = ((rhi + rlo) / 2).half(), ((rhi - rlo) / 2).clamp_min(1e-4).half()
         z, s = zero16.float()[:, None], scale16.float()[:, None]
     else:                                                             # per channel
-        h = (r // rows_per_head) % heads
         clo, chi = lo.float()[h], hi.float()[h]                       # (rows, D)
-        out = ((xf < clo) | (xf > chi)) if outliers else torch.zeros_like(xf, dtype=torch.bool)
         z, s = (chi + clo) / 2, ((chi - clo) / 2).clamp_min(1e-6)
+        out = ((xf - z).abs() > s * (1 + RANGE_TOLERANCE)) if outliers \
+            else torch.zeros_like(xf, dtype=torch.bool)
         zero16 = scale16 = None
     u = ((xf - z) / s).clamp(-1.0, 1.0)
     lv = levels.float().to(x.device)
-    mids = (lv[1:] + lv[:-1]) / 2
+    mids = (lv[..., 1:] + lv[..., :-1]) / 2                           # (K-1,) | (heads, K-1)
+    mids = mids[h][:, None, :] if mids.dim() == 2 else mids           # (rows, 1, K-1) per head
     codes = (u[..., None] > mids).sum(-1)                             # (rows, D)
-    deq = table.float().to(x.device)[codes] * s + z
+    tb = table.float().to(x.device)
+    deq = (tb[h[:, None], codes] if tb.dim() == 2 else tb[codes]) * s + z
     sink = (pos0 + r % rows_per_head) < n_sink
     keep = out | sink[:, None]
     residual = torch.where(keep, xf - deq, 0.0).half()
@@ -74,26 +81,27 @@ if HAS_TRITON:
     def _kvq_pack_kernel(
         x_ptr, planes_ptr, zero_ptr, scale_ptr, res_ptr,
         cutlo_ptr, cuthi_ptr, lo_ptr, hi_ptr, mids_ptr, table_ptr,
-        rows, heads, rows_per_head, pos0, n_sink,
+        rows, heads, rows_per_head, pos0, n_sink, table_stride, mid_stride,
         D: tl.constexpr, BITS: tl.constexpr, K: tl.constexpr, BLOCK_R: tl.constexpr,
-        PER_CHANNEL: tl.constexpr, OUTLIERS: tl.constexpr,
+        PER_CHANNEL: tl.constexpr, OUTLIERS: tl.constexpr, TOL: tl.constexpr,
     ):
+        # table_stride, mid_stride: K, K - 1 for one level table per KV head; 0, 0 for one
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = r < rows
         d = tl.arange(0, D)
         r64 = r.to(tl.int64)
         x = tl.load(x_ptr + r64[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0)
         x = x.to(tl.float32)                                           # (BLOCK_R, D)
+        h = (r // rows_per_head) % heads
         if PER_CHANNEL:
-            h = (r // rows_per_head) % heads
             clo = tl.load(lo_ptr + h[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0)
             chi = tl.load(hi_ptr + h[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0)
-            if OUTLIERS:
-                out = (x < clo) | (x > chi)
-            else:
-                out = x != x                                           # all False
             z = (chi + clo) / 2
             s = tl.maximum((chi - clo) / 2, 1e-6)
+            if OUTLIERS:
+                out = tl.abs(x - z) > s * (1.0 + TOL)
+            else:
+                out = x != x                                           # all False
         else:
             tlo = tl.load(cutlo_ptr + r, mask=r_ok, other=0.0)
             thi = tl.load(cuthi_ptr + r, mask=r_ok, other=0.0)
@@ -110,9 +118,10 @@ if HAS_TRITON:
             s = s16.to(tl.float32)[:, None]
         u = tl.minimum(tl.maximum((x - z) / s, -1.0), 1.0)
         code = tl.zeros([BLOCK_R, D], dtype=tl.int32)
+        mid_row = mids_ptr + h * mid_stride                                # (BLOCK_R,)
         for k in tl.static_range(K - 1):
-            code += (u > tl.load(mids_ptr + k)).to(tl.int32)
-        deq = tl.load(table_ptr + code) * s + z
+            code += (u > tl.load(mid_row + k, mask=r_ok, other=0.0)[:, None]).to(tl.int32)
+        deq = tl.load(table_ptr + (h * table_stride)[:, None] + code) * s + z
         pos = pos0 + r % rows_per_head
         keep = out | (pos < n_sink)[:, None]
         res = tl.where(keep, x - deq, 0.0)
@@ -147,6 +156,9 @@ def quantize_pack(x, levels, table, bits, *, cut_lo=None, cut_hi=None, lo=None, 
     if (lo is None) == (cut_lo is None):
         raise WorkbenchError("quantize_pack: give cut_lo/cut_hi (per-token) or lo/hi "
                              "(per-channel), not both or neither.")
+    if levels.dim() == 2 and (levels.shape[0] != heads or table.shape != levels.shape):
+        raise WorkbenchError(f"quantize_pack: level tables {tuple(levels.shape)} and "
+                             f"{tuple(table.shape)} for {heads} heads: give (K,) or (heads, K).")
     which = pick_backend(backend, (x,), _kvq_pack_kernel, op="quantize_pack",
                          supported_dtypes=SUPPORTED_DTYPES)
     kw = dict(cut_lo=cut_lo, cut_hi=cut_hi, lo=lo, hi=hi, heads=heads,
@@ -162,7 +174,7 @@ def quantize_pack(x, levels, table, bits, *, cut_lo=None, cut_hi=None, lo=None, 
         zero = torch.empty(rows, dtype=torch.float16, device=dev)
         scale = torch.empty(rows, dtype=torch.float16, device=dev)
     lv = levels.float().to(dev)
-    mids = ((lv[1:] + lv[:-1]) / 2).contiguous()
+    mids = ((lv[..., 1:] + lv[..., :-1]) / 2).contiguous()          # (K-1,) | (heads, K-1)
     dummy = torch.zeros(1, dtype=torch.float32, device=dev)
     block_r = 16
     if rows:
@@ -174,8 +186,9 @@ def quantize_pack(x, levels, table, bits, *, cut_lo=None, cut_hi=None, lo=None, 
             lo.float().contiguous() if per_channel else dummy,
             hi.float().contiguous() if per_channel else dummy,
             mids, table.float().to(dev).contiguous(),
-            rows, heads, rows_per_head, pos0, n_sink,
-            D=d, BITS=bits, K=len(lv), BLOCK_R=block_r, PER_CHANNEL=per_channel,
-            OUTLIERS=bool(outliers),
+            rows, heads, rows_per_head, pos0, n_sink, *((lv.shape[-1], lv.shape[-1] - 1)
+                                                          if lv.dim() == 2 else (0, 0)),
+            D=d, BITS=bits, K=lv.shape[-1], BLOCK_R=block_r, PER_CHANNEL=per_channel,
+            OUTLIERS=bool(outliers), TOL=RANGE_TOLERANCE,
         )
     return planes, zero, scale, residual

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernels.kvquant_decode import _kvq_decode_kernel
-from kernels.kvquant_pack import _kvq_pack_kernel
+from kernels.kvquant_pack import _kvq_pack_kernel, quantize_pack_reference
 from kernels.testing import fresh_seed
 from kernels.testing import needs_triton as needs_triton_for
 from workbench.errors import WorkbenchError
@@ -31,6 +31,7 @@ from workbench.kvquant.levels import (
     bin_centers,
     histogram,
     kmeans_levels,
+    lookup_levels,
     nf_levels,
     qnorm_table,
     round_to_levels,
@@ -88,6 +89,22 @@ def test_levels():
     assert abs(sd(q) - sd(x)) < 1e-4
 
 
+def test_per_head_levels_round_and_look_up_each_head_with_its_table():
+    gen = torch.Generator().manual_seed(fresh_seed())
+    u = torch.rand(2, 3, 5, 8, generator=gen) * 2 - 1                   # (B, H, n, D)
+    lv = torch.sort(torch.rand(3, 8, generator=gen) * 2 - 1, -1).values  # (H, 8) per head
+    codes = round_to_levels(u, lv)
+    deq = lookup_levels(lv, codes)
+    for j in range(3):
+        assert torch.equal(codes[:, j], round_to_levels(u[:, j], lv[j]))
+        assert torch.equal(deq[:, j], lv[j][codes[:, j].long()])
+        # each element went to its head's nearest level
+        best = (u[:, j][..., None] - lv[j]).abs().argmin(-1)
+        assert torch.equal(codes[:, j].long(), best)
+    one = lv[0]
+    assert torch.equal(lookup_levels(one, codes), one[codes.long()])     # one table: plain
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_pack_roundtrip(bits):
     codes = torch.randint(0, 2 ** bits, (2, 3, 7, 64), dtype=torch.uint8)
@@ -107,7 +124,9 @@ def test_method_names_and_errors():
         method("gptq", 3)
     with pytest.raises(WorkbenchError, match="bit width"):
         method("kivi")
-    assert ablation(3)[-1].name.endswith("KVQuant)") and len(leave_one_out(3)) == 10
+    full = ablation(3)[-1]                   # the ingredients added up give the default method
+    assert full.name.endswith("KVQuant)") and replace(full, name="nuq3-1%") == method("nuq3-1%")
+    assert len(leave_one_out(3)) == 11
     assert ablation(3)[-1] == replace(method("nuq3-1%"), name=ablation(3)[-1].name)
     # one Fisher-allocated key outlier budget for the whole model, at every width
     assert all(method(f"nuq{b}-1%").key_outliers == "fisher-model" for b in (2, 3, 4))
@@ -250,11 +269,50 @@ def test_quantize_outliers_and_sink_exact():
             assert torch.allclose(back[outl], x[outl], atol=2e-2, rtol=1e-3)
         err = (back - x).abs()[:, :, 2:]
         assert float(err.mean()) < 0.25 * float(x.abs().mean())   # 3-bit NF, 64-wide
+    # a key on the calibrated range's end, off by float32 rounding (the cache undoes RoPE),
+    # stays an inlier in the reference and in the append kernel's reference
+    k = hi[None, :, None, :].expand(1, 3, 4, 64) * (1 + 1e-7 * torch.tensor([-1.0, 0, 1, 3])
+                                                    )[None, None, :, None]
+    spec0 = replace(spec, sink_tokens=0)
+    assert quantize(k, spec0, "k", tables).outlier_index.numel() == 0
+    res = quantize_pack_reference(k.reshape(-1, 64), lv, lv, 3, lo=lo, hi=hi, heads=3,
+                                  rows_per_head=4)[3]
+    assert not res.any()
+    assert quantize(k * 1.01 + 0.01, spec0, "k", tables).outlier_index.numel() == 3 * 4 * 64
     # appending later tokens gives the same as quantizing all at once (per-token methods)
     a = quantize(x[:, :, :30], spec, "v", tables, start=0)
     b = quantize(x[:, :, 30:], spec, "v", tables, start=30)
     whole = dequantize(quantize(x, spec, "v", tables), spec, "v", tables)
     assert torch.allclose(dequantize(a.append(b), spec, "v", tables), whole)
+
+
+def test_hadamard_rotated_values():
+    """Rotated values: dequantize undoes the rotation, outliers and sinks stay exact, and on
+    vectors with a few large channels the rounding error is lower than without rotation."""
+    from kernels.hadamard import hadamard
+
+    hd = hadamard(64)
+    assert torch.allclose(hd @ hd, torch.eye(64), atol=1e-6) and torch.equal(hd, hd.T)
+    with pytest.raises(WorkbenchError, match="power-of-two"):
+        hadamard(48)
+    gen = torch.Generator().manual_seed(fresh_seed())
+    x = torch.randn(1, 3, 200, 64, generator=gen)
+    x[..., :3] *= 8                                                     # large channels
+    lv = nf_levels(3)
+    tables = LayerTables(lv, lv, lv, lv)
+    plain = method("kvquant", 3, levels="nf", q_norm=False, value_rotation="none",
+                   outlier_fraction=0.0, sink_tokens=1)
+    rotated = replace(plain, value_rotation="hadamard")
+    err = {}
+    for spec in (plain, rotated):
+        back = dequantize(quantize(x, spec, "v", tables), spec, "v", tables)
+        assert torch.allclose(back[:, :, 0], x[:, :, 0], atol=1e-2)     # sink exact (fp16)
+        err[spec.value_rotation] = float((back - x)[:, :, 1:].pow(2).mean())
+    assert err["hadamard"] < 0.5 * err["none"], err
+    spec = replace(rotated, outlier_fraction=0.02)                      # outliers: x exact
+    q = quantize(x, spec, "v", tables)
+    assert q.outlier_index.numel() > 0
+    assert float((dequantize(q, spec, "v", tables) - x).abs().max()) < 0.5 * 8
 
 
 # ---- the cache on the real model -------------------------------------------------------------
@@ -490,6 +548,7 @@ def test_fused_decode_errors(model_tok, calib):
 @pytest.mark.parametrize("name,kind,start,tails", [
     ("nuq3-1%", "k", 0, None), ("nuq3-1%", "v", 0, None), ("nuq3-1%", "v", 7, (2, 1)),
     ("nuq2", "k", 0, None), ("atom-4", "k", 3, None), ("nuq4-1%", "v", 0, None),
+    ("kivi-3", "v", 2, None),                       # values not rotated (KVQuant's are)
 ])
 def test_quantize_appended_matches_reference(name, kind, start, tails):
     """The quantize-and-pack kernel path (interpreter here) gives the reference's codes, ranges
@@ -545,15 +604,40 @@ def test_calibrate_save_load(model_tok, tmp_path, text_ids):
     assert cal.tensors["k.pre.0.01a.hi"].shape == (30, 3, 64)          # Fisher-allocated
     assert cal.tensors["k.post.0.01m.lo"].shape == (30, 3, 64)         # one budget, all layers
     assert int(cal.tensors["v.0.01m.tails"].sum()) == round(0.01 * 3 * 64 * 30)  # 1% of values
+    assert cal.tensors["v.0.01r.count"].shape == (30, 3, 1024)          # Hadamard-rotated values
+    assert int(cal.tensors["v.0.01mr.tails"].sum()) == round(0.01 * 3 * 64 * 30)
     path = cal.save(tmp_path / "c.safetensors")
     again = Calibration.load(path, model)
     assert torch.equal(again.tensors["v.0.01.fisher"], cal.tensors["v.0.01.fisher"])
-    tables = again.tables(4, method("nuq2-1%"))
-    assert len(tables.key_levels) == 4 and (tables.key_hi >= tables.key_lo).all()
+    tables = again.tables(4, method("nuq2-1%", levels_per="head"))      # per KV head
+    assert tables.key_levels.shape == (3, 4) and tables.value_table.shape == (3, 4)
+    assert (tables.key_hi >= tables.key_lo).all()
+    assert cal.tensors["k.pre.0.01m.fisher"].shape == (30, 3, 1024)     # per-head histograms
+    per_layer = again.tables(4, method("nuq2-1%"))                      # per layer (default)
+    assert per_layer.key_levels.shape == (4,)
+    # the layer's table is k-means over the heads' histograms summed
+    summed = cal.tensors["k.pre.0.01m.fisher"][4].sum(0)
+    assert torch.equal(per_layer.key_levels, kmeans_levels(summed, 2))
+    assert not torch.equal(tables.key_levels[0], tables.key_levels[1])
 
 
 def test_bad_input_errors(model_tok, calib):
     model, tok = model_tok
+    # a file from before per-head histograms: per-layer tables work, per-head ones say why not
+    old = Calibration({k: (v.sum(1) if k.endswith((".count", ".fisher")) else v)
+                       for k, v in calib.tensors.items()}, calib.settings)
+    assert old.tables(0, method("nuq3-1%")).key_levels.shape == (8,)
+    with pytest.raises(WorkbenchError, match="per-layer histograms only"):
+        old.tables(0, method("nuq3-1%", levels_per="head"))
+    with pytest.raises(WorkbenchError, match="levels_per"):
+        method("nuq3-1%", levels_per="channel")
+    with pytest.raises(WorkbenchError, match="value_rotation"):
+        method("nuq3-1%", value_rotation="random")
+    no_rot = Calibration({k: v for k, v in calib.tensors.items() if not k.startswith("v.0.01r")},
+                         calib.settings)
+    with pytest.raises(WorkbenchError, match="Hadamard-rotated"):
+        no_rot.tables(0, method("nuq3-1%"))
+    assert no_rot.tables(0, method("nuq3-1%", value_rotation="none")).key_lo is not None
     with pytest.raises(WorkbenchError, match="too short"):
         calibrate(model, ids=torch.zeros(2, 100, dtype=torch.long), progress=False)
     with pytest.raises(WorkbenchError, match="needs a calibration"):

@@ -2,6 +2,8 @@
 fused decode kernel on a real model's packed cache."""
 
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -24,18 +26,25 @@ needs_triton = needs_triton_for(_kvq_decode_kernel)
 
 
 @needs_triton
-@pytest.mark.parametrize("kv_heads,group,seq,head_dim,bits,frac,dtype", [
-    (2, 3, 150, 64, 3, 0.01, torch.bfloat16),     # GQA like SmolLM2, 3 tiles, 2 splits
-    (1, 1, 70, 32, 2, 0.01, torch.float16),       # MHA, a partial tile
-    (2, 4, 130, 64, 4, 0.0, torch.bfloat16),      # Llama-3-like group, no sparse part
-    (1, 2, 64, 64, 3, 0.05, torch.float32),       # one tile, many outliers
-    (1, 5, 77, 128, 3, 0.03, torch.float16),      # odd group (padded to 8), head_dim 128
+@pytest.mark.parametrize("kv_heads,group,seq,head_dim,bits,frac,dtype,levels_per", [
+    (2, 3, 150, 64, 3, 0.01, torch.bfloat16, "head"),   # GQA like SmolLM2, 3 tiles, 2 splits
+    (3, 3, 150, 64, 3, 0.01, torch.bfloat16, "layer"),  # one level table for all heads
+    (1, 1, 70, 32, 2, 0.01, torch.float16, "head"),     # MHA, a partial tile
+    (2, 4, 130, 64, 4, 0.0, torch.bfloat16, "head"),    # Llama-3-like group, no sparse part
+    (2, 2, 64, 64, 3, 0.05, torch.float32, "head"),     # one tile, many outliers, fp32 math
+    (1, 5, 77, 128, 3, 0.03, torch.float16, "layer"),   # odd group (padded to 8), head_dim 128
+    (2, 3, 100, 64, 3, 0.01, torch.bfloat16, "rotated"),  # values in the Hadamard basis
 ])
-def test_decode_kernel_matches_reference(kv_heads, group, seq, head_dim, bits, frac, dtype):
+def test_decode_kernel_matches_reference(kv_heads, group, seq, head_dim, bits, frac, dtype,
+                                         levels_per):
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
+    rotated = levels_per == "rotated"
     packed = random_layer(1, kv_heads, seq, head_dim, bits, frac, 1 if frac else 0,
-                          device=DEVICE, generator=gen)
+                          device=DEVICE, generator=gen, levels_per="layer" if rotated else
+                          levels_per, value_rotation="hadamard" if rotated else "none")
+    assert packed.k_table.dim() == (2 if levels_per == "head" else 1)
+    assert packed.v_hadamard == rotated
     q = torch.randn(1, kv_heads * group, head_dim, generator=gen).to(DEVICE, dtype)
     out = kvquant_decode_attention(q, packed, backend="triton")
     assert out.dtype == dtype and out.shape == q.shape
@@ -142,18 +151,29 @@ def test_code_layout_and_csr_order():
 @needs_triton
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("mode", ["token", "channel"])
-def test_pack_kernel_matches_reference(bits, mode):
+@pytest.mark.parametrize("per_head", [False, True])
+def test_pack_kernel_matches_reference(bits, mode, per_head):
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(37, 64, generator=gen).to(DEVICE)
-    lv = nf_levels(bits).to(DEVICE)
+    lv = nf_levels(bits)
+    if per_head:                                   # one table per head: (2, 2^b), sorted
+        lv = (lv.sign() * lv.abs() ** torch.tensor([[0.8], [1.3]])).sort(-1).values
+    lv = lv.to(DEVICE)
     table = lv * 1.05
     if mode == "token":
         kw = dict(cut_lo=x.quantile(0.02, dim=1), cut_hi=x.quantile(0.98, dim=1),
-                  rows_per_head=5, n_sink=1)
+                  rows_per_head=5, n_sink=1, heads=2)
     else:
         lo = torch.randn(2, 64, generator=gen).to(DEVICE) - 1.0
         kw = dict(lo=lo, hi=lo + 2.0, heads=2, rows_per_head=7, pos0=0, n_sink=2)
+    if per_head:                    # the reference's rows of head j = one table lv[j] for all
+        h = (torch.arange(37, device=x.device) // kw["rows_per_head"]) % 2
+        full = quantize_pack_reference(x, lv, table, bits, **kw)
+        for j in range(2):
+            one = quantize_pack_reference(x, lv[j], table[j], bits, **kw)
+            assert torch.equal(full[0][h == j], one[0][h == j])
+            assert torch.equal(full[3][h == j], one[3][h == j])
     got = quantize_pack(x, lv, table, bits, backend="triton", **kw)
     ref = quantize_pack_reference(x, lv, table, bits, **kw)
     assert torch.equal(got[0], ref[0]), f"seed {seed}"
@@ -166,6 +186,12 @@ def test_pack_kernel_matches_reference(bits, mode):
 
 def test_decode_errors():
     packed = random_layer(1, 2, 40, 64, 3)
+    three = torch.stack([nf_levels(3)] * 3)
+    with pytest.raises(WorkbenchError, match="level tables"):
+        quantize_pack(torch.randn(4, 64), three, three, 3, lo=torch.zeros(2, 64),
+                      hi=torch.ones(2, 64), heads=2, rows_per_head=2)
+    with pytest.raises(WorkbenchError, match="level tables"):
+        kvquant_decode_attention(torch.randn(1, 2, 64), replace(packed, k_table=three))
     with pytest.raises(WorkbenchError, match="q must be"):
         kvquant_decode_attention(torch.randn(1, 3, 64), packed)
     with pytest.raises(WorkbenchError, match="per-token"):
@@ -207,7 +233,8 @@ def test_kernel_reads_real_cache():
 def test_window_attention_kernel(kv_heads, group, r, head_dim, dtype):
     """The recent window's partial (kernels.window_decode) against its reference, and merged
     into the packed cache's attention by kvquant_decode_attention(extra_partial=...): the same
-    as attending to the dequantized quantized tokens and the window together."""
+    as attending to the dequantized quantized tokens and the window together (the quantized
+    values in the Hadamard basis, the window's not)."""
     from kernels.window_decode import window_attention, window_attention_reference
 
     seed = fresh_seed()
@@ -221,7 +248,8 @@ def test_window_attention_kernel(kv_heads, group, r, head_dim, dtype):
         lambda *a: window_attention_reference(*a, scaling), (q, k, v), names=("o", "lse"),
         context=f"(seed {seed})")
 
-    packed = random_layer(2, kv_heads, 90, head_dim, 3, 0.02, 1, device=DEVICE, generator=gen)
+    packed = random_layer(2, kv_heads, 90, head_dim, 3, 0.02, 1, device=DEVICE, generator=gen,
+                          value_rotation="hadamard")      # KVQuant's values: Hadamard basis
     kq, vq = dequantize_packed(packed, torch.float64)     # (B, H, S, D) post-RoPE keys
     part = window_attention(q, k, v, scaling, backend="triton")
     got, lse = kvquant_decode_attention(q, packed, backend="triton", extra_partial=part,

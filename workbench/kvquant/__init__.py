@@ -10,7 +10,8 @@
         model.generate(ids, past_key_values=cache, max_new_tokens=40)
 
 Files: `methods` (switchable settings, baselines, ablations), `levels` (uniform / NF / k-means
-levels, Q-Norm), `packing` (bit planes), `quantize` (reference quantizers), `anatomy` (model
+levels, Q-Norm), `packing` (bit planes), `quantize` (reference quantizers; KVQuant's values in the Hadamard
+basis of `kernels.hadamard`), `anatomy` (model
 parts, RoPE undo/redo), `calibration` (Fisher, ranges, histograms; save/load), `cache` (the
 transformers Cache), `evaluate` (perplexity tables; `python -m workbench.kvquant.evaluate`),
 `fused` (the cache as the fused decode kernel's input), `attend` (`fused_decode`: the kernel inside

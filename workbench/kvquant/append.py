@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from kernels.hadamard import hadamard
 from kernels.kvquant_pack import quantize_pack
 from workbench.kvquant.methods import QuantSpec
-from workbench.kvquant.quantize import LayerTables, Quantized, quantize, token_tails
+from workbench.kvquant.quantize import LayerTables, Quantized, quantize, rotates, token_tails
 
 
 def kernel_layout(spec: QuantSpec, kind: str) -> bool:
@@ -44,7 +45,10 @@ def quantize_appended(x: torch.Tensor, spec: QuantSpec, kind: str, tables: Layer
     if backend == "torch" or not kernel_layout(spec, kind):
         return quantize(x, spec, kind, tables, start)
     b, h, n, d = x.shape
-    xf = x.float().contiguous()
+    xf = x.float()
+    if rotates(spec, kind):                                         # values in Hadamard basis
+        xf = xf @ hadamard(d, xf.device)
+    xf = xf.contiguous()
     frac = spec.key_fraction if kind == "k" else spec.value_fraction
     levels = tables.key_levels if kind == "k" else tables.value_levels
     table = tables.key_table if kind == "k" else tables.value_table

@@ -29,7 +29,7 @@ from workbench.errors import WorkbenchError
 from workbench.kvquant.anatomy import KVGeometry, Rotary, geometry
 from workbench.kvquant.calibration import Calibration, default_tables
 from workbench.kvquant.methods import QuantSpec, method
-from workbench.kvquant.quantize import LayerTables, Quantized, dequantize, quantize
+from workbench.kvquant.quantize import LayerTables, Quantized, dequantize, quantize, rotates
 
 
 class KVQuantLayer(DynamicLayer):
@@ -169,7 +169,8 @@ class KVQuantLayer(DynamicLayer):
 
         rot = self.rotary.module
         self.growing = GrowingPack(self.tables, rot.inv_freq,
-                                   float(getattr(rot, "attention_scaling", 1.0)))
+                                   float(getattr(rot, "attention_scaling", 1.0)),
+                                   v_hadamard=rotates(self.spec, "v"))
         if self.qk is not None:
             self.growing.add(self.qk, self.qv)
 

@@ -17,9 +17,12 @@ What is measured, per layer (forward + backward passes of the real model, weight
   token's value elements over all layers, chosen to minimise the Fisher-weighted 3-bit rounding
   error of the values (`model_value_tails`, variant "v.<f>m", used by value_outliers=
   "fisher-model"), with that variant's level histograms.
-- histograms (n_bins over [-1, 1]) of the normalized inlier values, as counts and as summed
-  Fisher information: the level tables for any bit width come from these by 1-D k-means in
-  milliseconds (`levels.kmeans_levels`), so one calibration serves every method and bit width.
+- the same value histograms for values rotated by the orthonormal Hadamard matrix (variant
+  suffix "r", `value_rotation="hadamard"`; the gradient rotates with them).
+- histograms (n_bins over [-1, 1]) of the normalized inlier values per KV head, as counts and
+  as summed Fisher information: the level tables for any bit width, per head or per layer (the
+  heads' histograms summed), come from these by 1-D k-means in milliseconds
+  (`levels.kmeans_levels`), so one calibration serves every method and bit width.
 The first token of each window is left out (it is the attention sink, kept exact at inference).
 """
 
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.hadamard import hadamard
 from workbench.errors import WorkbenchError
 from workbench.kvquant.anatomy import Rotary, attention_modules, geometry, model_fingerprint
 from workbench.kvquant.levels import (
@@ -41,7 +45,7 @@ from workbench.kvquant.levels import (
     uniform_levels,
 )
 from workbench.kvquant.methods import QuantSpec
-from workbench.kvquant.quantize import LayerTables, _token_ranges, token_tails
+from workbench.kvquant.quantize import RANGE_TOLERANCE, LayerTables, _token_ranges, token_tails
 
 FORMAT = "workbench-kvquant-calibration/1"
 KEY_OUTLIER_SUFFIX = {"channel": "", "fisher": "a", "fisher-model": "m"}   # key range variants
@@ -57,7 +61,8 @@ class Calibration:
     """Calibration results for one model (see the module docstring).
 
     tensors: "k.pre.<f>.lo"/".hi" (layers, H, D) key ranges; "<var>.count"/".fisher"
-    (layers, n_bins) histograms for var in k.pre.<f>, k.post.<f>, v.<f>; "k.pre.<f>a" and
+    (layers, H, n_bins) histograms per KV head (files from before per-head tables: (layers,
+    n_bins), per layer only) for var in k.pre.<f>, k.post.<f>, v.<f>; "k.pre.<f>a" and
     "k.post.<f>a" are the same with Fisher-allocated outlier thresholds (one budget per layer),
     "k.pre.<f>m" and "k.post.<f>m" with one budget over all layers; "v.<f>m.tails" (layers, 2)
     the model-wide value outlier allocation and "v.<f>m.count"/".fisher" its histograms.
@@ -97,26 +102,48 @@ class Calibration:
 
     def value_variant(self, spec: QuantSpec) -> str:
         alloc = "m" if spec.value_outliers == "fisher-model" and spec.value_fraction > 0 else ""
-        var = f"v.{self._fraction(spec.value_fraction, 'values')}{alloc}"
+        rot = "r" if spec.value_rotation == "hadamard" else ""
+        var = f"v.{self._fraction(spec.value_fraction, 'values')}{alloc}{rot}"
         if alloc and f"{var}.tails" not in self.tensors:
             raise WorkbenchError("This calibration file has no value outlier allocation for "
                                  "value_outliers='fisher-model' (it was made by an older "
                                  "version): recalibrate with workbench.kvquant.calibrate, or use "
                                  "value_outliers='token'.")
+        if f"{var}.count" not in self.tensors:
+            raise WorkbenchError("This calibration file has no histograms of Hadamard-rotated "
+                                 "values (it was made by an older version): recalibrate with "
+                                 "workbench.kvquant.calibrate, or use value_rotation='none'.")
         return var
 
     def _levels(self, variant: str, layer: int, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (variant, layer, spec.bits, spec.levels, spec.q_norm)
+        """(levels, table) of one layer: (2^b,) each, or (H, 2^b) for per-head k-means levels."""
+        per_head = spec.levels_per == "head" and spec.levels in ("kmeans", "fisher")
+        key = (variant, layer, spec.bits, spec.levels, spec.q_norm, per_head)
         if key not in self._memo:
-            counts = self.tensors[f"{variant}.count"][layer]
+            counts = self.tensors[f"{variant}.count"][layer]          # (H, n_bins) | (n_bins,)
+            fisher = self.tensors[f"{variant}.fisher"][layer]
+            if per_head and counts.dim() == 1:
+                raise WorkbenchError("This calibration file has per-layer histograms only (it was "
+                                     "made by an older version): recalibrate with "
+                                     "workbench.kvquant.calibrate for per-head level tables, or "
+                                     "use levels_per='layer'.")
+            if not per_head and counts.dim() == 2:                    # one table for the layer
+                counts, fisher = counts.sum(0), fisher.sum(0)
             if spec.levels == "uniform":
                 levels = uniform_levels(spec.bits)
             elif spec.levels == "nf":
                 levels = nf_levels(spec.bits)
             else:
-                weights = counts if spec.levels == "kmeans" else self.tensors[f"{variant}.fisher"][layer]
-                levels = kmeans_levels(weights, spec.bits)
-            table = qnorm_table(levels, counts) if spec.q_norm else levels
+                weights = counts if spec.levels == "kmeans" else fisher
+                levels = torch.stack([kmeans_levels(w, spec.bits) for w in weights]) \
+                    if per_head else kmeans_levels(weights, spec.bits)
+            if spec.q_norm and levels.dim() == 2:
+                table = torch.stack([qnorm_table(lv, c) for lv, c in zip(levels, counts,
+                                                                          strict=True)])
+            elif spec.q_norm:
+                table = qnorm_table(levels, counts)
+            else:
+                table = levels
             self._memo[key] = (levels, table)
         return self._memo[key]
 
@@ -290,15 +317,27 @@ def allocated_channel_ranges(x: torch.Tensor, fisher: torch.Tensor, fraction: fl
     return lo_c[pick // g, ar].view(h, d), hi_c[pick % g, ar].view(h, d)
 
 
+def head_histograms(u: torch.Tensor, fisher: torch.Tensor, inliers: torch.Tensor, n_bins: int,
+                    head_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head histograms of normalized values u (heads along `head_dim`), counting only
+    `inliers` (bool, same shape): counts and summed Fisher information, (H, n_bins) each."""
+    heads = range(u.shape[head_dim])
+    def sel(t, j):
+        return t.select(head_dim, j)
+    counts = [histogram(sel(u, j)[sel(inliers, j)], None, n_bins) for j in heads]
+    fishers = [histogram(sel(u, j)[sel(inliers, j)], sel(fisher, j)[sel(inliers, j)], n_bins)
+               for j in heads]
+    return torch.stack(counts), torch.stack(fishers)
+
+
 def key_histograms(var: str, kb, gb, lo, hi, fraction: float, n_bins: int) -> dict:
     """Ranges and histograms of one key variant: kb, gb (M, H, D) keys and Fisher information,
-    lo, hi (H, D) -> {var.lo, var.hi: (H, D), var.count, var.fisher: (n_bins,)}."""
+    lo, hi (H, D) -> {var.lo, var.hi: (H, D), var.count, var.fisher: (H, n_bins)}."""
     zero, scale = (hi + lo) / 2, ((hi - lo) / 2).clamp_min(1e-6)
     u = (kb - zero) / scale
-    inl = (u.abs() <= 1) if fraction > 0 else torch.ones_like(u, dtype=torch.bool)
-    uc = u.clamp(-1, 1)
-    return {f"{var}.lo": lo, f"{var}.hi": hi, f"{var}.count": histogram(uc[inl], None, n_bins),
-            f"{var}.fisher": histogram(uc[inl], gb[inl], n_bins)}
+    inl = (u.abs() <= 1 + RANGE_TOLERANCE) if fraction > 0 else torch.ones_like(u, dtype=torch.bool)
+    count, fisher = head_histograms(u.clamp(-1, 1), gb, inl, n_bins)
+    return {f"{var}.lo": lo, f"{var}.hi": hi, f"{var}.count": count, f"{var}.fisher": fisher}
 
 
 def _key_body(k_pre, gk, rotary: Rotary, rope: str):
@@ -321,7 +360,7 @@ def model_allocated_ranges(acts: list[dict], rotary: Rotary, fractions, n_bins: 
     `allocated_channel_ranges` over the (M, layers * H, D) keys of all layers at once: the loss
     is one, so Fisher information compares across layers, and layers whose keys hurt more
     (heavy-tailed, sensitive channels) get more of the budget. Returns, per variant, ranges
-    (layers, H, D) and histograms (layers, n_bins) like `calibrate_layer`."""
+    (layers, H, D) and histograms (layers, H, n_bins) like `calibrate_layer`."""
     res: dict = {}
     h = acts[0]["k"].shape[2]
     for rope in ("pre", "post"):
@@ -349,7 +388,7 @@ def calibrate_layer(k_pre, v, gk, gv, rotary: Rotary, fractions, n_bins: int) ->
         return x.permute(0, 2, 1, 3)
     k_post = to_bhtd(Rotary.apply(to_bhtd(k_pre), cos, sin))
     gk_post = to_bhtd(Rotary.apply(to_bhtd(gk), cos, sin)).pow(2)
-    gk, gv = gk.pow(2), gv.pow(2)
+    gk = gk.pow(2)
     res = {}
     body = slice(1, None)                                       # drop the sink token
     for rope, k, g in (("pre", k_pre, gk), ("post", k_post, gk_post)):
@@ -357,23 +396,26 @@ def calibrate_layer(k_pre, v, gk, gv, rotary: Rotary, fractions, n_bins: int) ->
         for f, alloc in [(fr, a) for fr in fractions for a in ("", "a")[:1 + (fr > 0)]]:
             lo, hi = allocated_channel_ranges(kb, gb, f) if alloc else _channel_ranges(kb, f)
             res.update(key_histograms(f"k.{rope}.{_fkey(f)}{alloc}", kb, gb, lo, hi, f, n_bins))
-    vb = to_bhtd(v[:, body])                                    # (N, H, T-1, D)
-    gvb = to_bhtd(gv[:, body])
-    for f in fractions:
-        res.update(value_histograms(f"v.{_fkey(f)}", vb, gvb, f, n_bins))
+    hd = hadamard(d)
+    for rot in ("", "r"):                                       # plain and Hadamard-rotated
+        vr, gr = (v @ hd, gv @ hd) if rot else (v, gv)          # dL/d(vH) = (dL/dv) H
+        vb = to_bhtd(vr[:, body])                               # (N, H, T-1, D)
+        gvb = to_bhtd(gr[:, body]).pow(2)
+        for f in fractions:
+            res.update(value_histograms(f"v.{_fkey(f)}{rot}", vb, gvb, f, n_bins))
     return res
 
 
 def value_histograms(var: str, vb, gvb, fraction: float, n_bins: int, tails=None) -> dict:
     """Histograms of one layer's normalized inlier values: vb, gvb (N, H, T, D) values and
-    Fisher information, per-token outliers by `fraction` (or `tails`) -> {var.count, var.fisher}."""
+    Fisher information, per-token outliers by `fraction` (or `tails`) -> {var.count,
+    var.fisher} (H, n_bins) each."""
     lo, hi, out = _token_ranges(vb, fraction, tails)
     zero = ((hi + lo) / 2).half().float()[..., None]
     scale = ((hi - lo) / 2).clamp_min(1e-4).half().float()[..., None]
     u = ((vb - zero) / scale).clamp(-1, 1)
-    inl = ~out
-    return {f"{var}.count": histogram(u[inl], None, n_bins),
-            f"{var}.fisher": histogram(u[inl], gvb[inl], n_bins)}
+    count, fisher = head_histograms(u, gvb, ~out, n_bins)
+    return {f"{var}.count": count, f"{var}.fisher": fisher}
 
 
 def value_tail_costs(v: torch.Tensor, fisher: torch.Tensor, max_tail: int, bits: int = 3
@@ -423,26 +465,33 @@ def allocate_value_tails(costs: list[torch.Tensor], budget: int) -> torch.Tensor
     return torch.tensor(min(best.values(), key=lambda e: e[0])[1], dtype=torch.int64)
 
 
-def model_value_tails(acts: list[dict], fractions, n_bins: int, max_tail: int | None = None
-                      ) -> dict:
+def model_value_tails(acts: list[dict], fractions, n_bins: int, max_tail: int | None = None,
+                      rotate: bool = False) -> dict:
     """Per-token value outliers whose budget (f of a token's value elements over all layers,
     rounded once for the model, not per layer) is shared across layers by Fisher information
-    (variant "v.<f>m"): per layer, tails (2,) and histograms like `calibrate_layer`'s."""
+    (variant "v.<f>m", with `rotate` "v.<f>mr" for Hadamard-rotated values): per layer, tails
+    (2,) and histograms like `calibrate_layer`'s."""
     res: dict = {}
     h, d = acts[0]["v"].shape[2:]
+    hd = hadamard(d) if rotate else None
+
+    def body(a):                                                # (N, T-1, H, D) values, grads
+        v, g = a["v"][:, 1:].float(), a["gv"][:, 1:].float()
+        return (v @ hd, g @ hd) if rotate else (v, g)
+
     for f in [fr for fr in fractions if fr > 0]:
         k = token_tails(f, h, d)
         top = max_tail if max_tail is not None else 6 * k
         costs = []
         for a in acts:
-            vb = a["v"][:, 1:].float().reshape(-1, h, d)
-            costs.append(value_tail_costs(vb, a["gv"][:, 1:].float().pow(2).reshape(-1, h, d), top))
+            v, g = body(a)
+            costs.append(value_tail_costs(v.reshape(-1, h, d), g.pow(2).reshape(-1, h, d), top))
         tails = allocate_value_tails(costs, max(1, round(f * h * d * len(acts))))
-        var = f"v.{_fkey(f)}m"
+        var = f"v.{_fkey(f)}m" + ("r" if rotate else "")
         per = []
         for i, a in enumerate(acts):
-            vb = a["v"][:, 1:].float().permute(0, 2, 1, 3)
-            gvb = a["gv"][:, 1:].float().pow(2).permute(0, 2, 1, 3)
+            v, g = body(a)
+            vb, gvb = v.permute(0, 2, 1, 3), g.pow(2).permute(0, 2, 1, 3)
             per.append(value_histograms(var, vb, gvb, f, n_bins, tuple(tails[i].tolist())))
         res.update({name: torch.stack([p[name] for p in per]) for name in per[0]})
         res[f"{var}.tails"] = tails
@@ -488,6 +537,7 @@ def calibrate(model, tokenizer=None, *, ids: torch.Tensor | None = None, n_windo
     tensors = {name: torch.stack([r[name] for r in per_layer]) for name in per_layer[0]}
     tensors.update(model_allocated_ranges(acts, rotary, fractions, n_bins))
     tensors.update(model_value_tails(acts, fractions, n_bins))
+    tensors.update(model_value_tails(acts, fractions, n_bins, rotate=True))
     settings = {"text": text, "outlier_fractions": fractions, "n_bins": n_bins,
                 "key_outliers": list(KEY_OUTLIER_SUFFIX), "value_outliers": ["token", "fisher-model"],
                 "sink_tokens_excluded": 1, "model": model_fingerprint(model)}

@@ -21,14 +21,16 @@ from kernels.kvquant_decode import BLOCK_N, PackedKV, block_csr, csr_entries
 from workbench.errors import WorkbenchError
 from workbench.kvquant.levels import nf_levels
 from workbench.kvquant.methods import QuantSpec, method
-from workbench.kvquant.quantize import LayerTables, Quantized, quantize
+from workbench.kvquant.quantize import LayerTables, Quantized, quantize, rotates
 
 
 def pack(qk: Quantized, qv: Quantized, tables: LayerTables, inv_freq: torch.Tensor,
-         rope_scale: float = 1.0, block: int = BLOCK_N, csr=None) -> PackedKV:
+         rope_scale: float = 1.0, block: int = BLOCK_N, csr=None,
+         v_hadamard: bool = False) -> PackedKV:
     """A `PackedKV` from quantized pre-RoPE keys (calibrated per-channel ranges) and values;
     `block` tokens per block of the sparse part (the kernel's tile: 64, or 32). csr: the
-    sparse part's (key, value) block-CSR when already built (`GrowingPack`)."""
+    sparse part's (key, value) block-CSR when already built (`GrowingPack`). v_hadamard: the
+    values were quantized in the Hadamard basis (`value_rotation="hadamard"`)."""
     if qk.zero is not None or tables.key_lo is None:
         raise WorkbenchError("The fused kernel takes pre-RoPE keys with calibrated per-channel "
                              "ranges (KVQuant's nuq methods), not per-token or grouped keys.")
@@ -46,7 +48,7 @@ def pack(qk: Quantized, qv: Quantized, tables: LayerTables, inv_freq: torch.Tens
         tables.key_table.float().to(dev),
         qv.codes, qv.zero, qv.scale, tables.value_table.float().to(dev),
         *k_csr[:3], *v_csr, inv_freq.float().to(dev), float(rope_scale), block,
-        k_tok=k_csr[3])
+        k_tok=k_csr[3], v_hadamard=bool(v_hadamard))
 
 
 class GrowingPack:
@@ -57,9 +59,10 @@ class GrowingPack:
     whole cache's outliers each decode step."""
 
     def __init__(self, tables: LayerTables, inv_freq: torch.Tensor, rope_scale: float = 1.0,
-                 block: int = BLOCK_N):
+                 block: int = BLOCK_N, v_hadamard: bool = False):
         self.tables, self.inv_freq, self.rope_scale, self.block = (tables, inv_freq,
                                                                    rope_scale, block)
+        self.v_hadamard = v_hadamard
         self.frozen_blocks = 0
         self.frozen: list | None = None             # [key csr, value csr] of the full blocks
         self.pending: list | None = None            # [(index, delta) keys, values], later tokens
@@ -120,7 +123,7 @@ class GrowingPack:
         (k_ptr, k_idx, k_val, k_tok), (v_ptr, v_idx, v_val) = csr
         if self.last is None:        # the per-layer constants once: ranges, tables, inv_freq
             self.last = pack(qk, qv, self.tables, self.inv_freq, self.rope_scale, blk,
-                             csr=tuple(csr))
+                             csr=tuple(csr), v_hadamard=self.v_hadamard)
         else:
             self.last = dataclasses.replace(
                 self.last, k_planes=qk.codes, v_planes=qv.codes, v_zero=qv.zero,
@@ -154,15 +157,19 @@ def pack_layer(layer) -> PackedKV:
         raise WorkbenchError("pack_layer needs a filled KVQuant layer with pre-RoPE keys.")
     rot = layer.rotary.module
     return pack(layer.qk, layer.qv, layer.tables, rot.inv_freq,
-                float(getattr(rot, "attention_scaling", 1.0)))
+                float(getattr(rot, "attention_scaling", 1.0)),
+                v_hadamard=rotates(spec, "v"))
 
 
 def random_layer(batch: int, kv_heads: int, seq: int, head_dim: int, bits: int = 3,
                  outlier_fraction: float = 0.01, sink_tokens: int = 1, *, device="cpu",
                  generator: torch.Generator | None = None, theta: float = 10000.0,
-                 block: int = BLOCK_N) -> PackedKV:
+                 block: int = BLOCK_N, levels_per: str = "layer",
+                 value_rotation: str = "none") -> PackedKV:
     """A packed layer quantized from random keys/values with a few large channels (for kernel
-    tests and timing only). Key ranges are the data's per-channel quantiles."""
+    tests and timing only). Key ranges are the data's per-channel quantiles. Level tables: NF
+    levels, one per KV head with a random stretch each (`levels_per="head"`) or one for the
+    layer ("layer"). value_rotation: "hadamard" stores the values in the Hadamard basis."""
     gen = generator or torch.Generator().manual_seed(0)
     shape = (batch, kv_heads, seq, head_dim)
     chan = torch.ones(head_dim)
@@ -170,7 +177,7 @@ def random_layer(batch: int, kv_heads: int, seq: int, head_dim: int, bits: int =
     k = (torch.randn(shape, generator=gen) * chan).to(device)
     v = torch.randn(shape, generator=gen).to(device)
     spec = method("kvquant", bits, outlier_fraction=outlier_fraction, sink_tokens=sink_tokens,
-                  levels="nf", q_norm=False)
+                  levels="nf", q_norm=False, value_rotation=value_rotation)
     flat = k.permute(1, 3, 0, 2).reshape(kv_heads, head_dim, -1)          # (H, D, B*S)
     m = flat.shape[-1]
     if outlier_fraction > 0:
@@ -179,9 +186,14 @@ def random_layer(batch: int, kv_heads: int, seq: int, head_dim: int, bits: int =
         hi = flat.kthvalue(m - j + 1, dim=-1).values
     else:
         lo, hi = flat.amin(-1), flat.amax(-1)
-    lv = nf_levels(bits).to(device)
+    lv = nf_levels(bits)
+    if levels_per == "head":                   # (H, 2^b): sorted, within [-1, 1], head-specific
+        stretch = 0.7 + 0.6 * torch.rand(kv_heads, 1, generator=gen)
+        lv = (lv.sign() * lv.abs() ** stretch).sort(-1).values
+    lv = lv.to(device)
     tables = LayerTables(lv, lv, lv, lv, lo, hi)
     qk = quantize(k, spec, "k", tables)
     qv = quantize(v, spec, "v", tables)
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    return pack(qk, qv, tables, inv_freq.to(device), block=block)
+    return pack(qk, qv, tables, inv_freq.to(device), block=block,
+                v_hadamard=rotates(spec, "v"))

@@ -13,7 +13,8 @@ nearest level. Three ways to choose the 2^b levels:
 (codes are unchanged) so the dequantized values keep the mean and standard deviation of the
 originals on the calibration distribution.
 
-Histograms are (n_bins,) tensors over [-1, 1] (`bin_centers(n_bins)`); 1-D k-means on the bin
+Tables are per layer (K,) or per KV head (H, K) (`round_to_levels` and `lookup_levels` take
+either). Histograms are (n_bins,) tensors over [-1, 1] (`bin_centers(n_bins)`); 1-D k-means on the bin
 centers is exact up to the bin width (2 / n_bins) and takes milliseconds.
 """
 
@@ -63,10 +64,27 @@ def nf_levels(bits: int) -> torch.Tensor:
     return (z / z.abs().max()).float()
 
 
-def round_to_levels(u: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest level for each element of `u` (uint8, same shape). `levels` sorted."""
+def round_to_levels(u: torch.Tensor, levels: torch.Tensor, head_dim: int = 1) -> torch.Tensor:
+    """Index of the nearest level for each element of `u` (uint8, same shape). `levels` sorted:
+    (K,) for all of `u`, or (H, K), one table per head, heads along `u`'s dim `head_dim`."""
+    if levels.dim() == 2:                                       # per head: one bucketize each
+        out = torch.empty(u.shape, dtype=torch.uint8, device=u.device)
+        for j in range(levels.shape[0]):
+            out.select(head_dim, j).copy_(round_to_levels(u.select(head_dim, j), levels[j]))
+        return out
     mids = (levels[1:] + levels[:-1]) / 2                       # (K-1,) decision boundaries
     return torch.bucketize(u.contiguous(), mids.to(u.dtype)).to(torch.uint8)
+
+
+def lookup_levels(table: torch.Tensor, codes: torch.Tensor, head_dim: int = 1) -> torch.Tensor:
+    """table[codes]: `table` (K,) for every element, or (H, K) with heads along `codes`'s dim
+    `head_dim` (per-head level tables). codes: integer tensor of any shape."""
+    if table.dim() == 1:
+        return table[codes.long()]
+    shape = [1] * codes.dim()
+    shape[head_dim] = table.shape[0]
+    heads = torch.arange(table.shape[0], device=codes.device).view(shape)
+    return table[heads, codes.long()]
 
 
 def _weighted_quantiles(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

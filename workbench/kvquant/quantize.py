@@ -8,8 +8,13 @@ One layer's keys or values, x of shape (batch, kv_heads, seq, head_dim), become 
     outlier_index (n,) int32     token-major flat index ((s * B + b) * H + h) * D + d
     outlier_delta (n,) fp16      x - dequant(code) at those elements: dense + sparse = x
 
+With `spec.value_rotation == "hadamard"` values are quantized as x @ H (H the orthonormal
+Hadamard matrix, `kernels.hadamard`): codes, ranges and outliers live in that basis, and
+`dequantize` multiplies by H again (H @ H = I).
+
 Normalization (KVQuant): u = (x - zero) / scale with zero = (hi + lo) / 2, scale = (hi - lo) / 2,
-so the inlier range [lo, hi] maps to [-1, 1]. Elements outside [lo, hi] are the outliers (kept in
+so the inlier range [lo, hi] maps to [-1, 1]. Elements outside [lo, hi] (calibrated keys: by
+more than RANGE_TOLERANCE of the half-range) are the outliers (kept in
 the sparse part); the dense part rounds clamp(u, -1, 1) to the nearest level. The first
 `sink_tokens` positions are kept exact the same way (all of their elements are "outliers").
 
@@ -25,18 +30,26 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.hadamard import hadamard
 from workbench.errors import WorkbenchError
-from workbench.kvquant.levels import round_to_levels
+from workbench.kvquant.levels import lookup_levels, round_to_levels
 from workbench.kvquant.methods import QuantSpec
 from workbench.kvquant.packing import pack_codes, unpack_codes
+
+RANGE_TOLERANCE = 1e-4  # a key within this fraction of its half-range outside the calibrated
+#                         range is an inlier (clamped to the end level, error ~1e-4 of the range):
+#                         the cache undoes RoPE in float32, and a layer-0 key of a frequent token
+#                         that sits exactly on a calibrated quantile must not flip to an outlier
+#                         by rounding
 
 
 @dataclass
 class LayerTables:
     """What quantizing one layer needs besides the data (from calibration, or defaults)."""
 
-    key_levels: torch.Tensor            # (2^b,) sorted levels used for rounding keys
-    key_table: torch.Tensor             # (2^b,) dequantization table (Q-Norm may shift it)
+    key_levels: torch.Tensor            # (2^b,) or per KV head (H, 2^b): sorted levels used
+    #                                     for rounding keys
+    key_table: torch.Tensor             # same shape: dequantization table (Q-Norm may shift it)
     value_levels: torch.Tensor
     value_table: torch.Tensor
     key_lo: torch.Tensor | None = None  # (H, D) calibrated per-channel key range, or None
@@ -101,6 +114,11 @@ class Quantized:
                          torch.cat(parts_i).to(torch.int32), torch.cat(parts_d), new_b, h, d)
 
 
+def rotates(spec: QuantSpec, kind: str) -> bool:
+    """True when `kind` ("k" | "v") is stored in the Hadamard basis (rotated values)."""
+    return kind == "v" and spec.value_rotation == "hadamard"
+
+
 def token_tails(fraction: float, heads: int, head_dim: int) -> int:
     """Outliers per tail of each token's values: round(f/2 * H * D), at least 1 (0 for f = 0)."""
     return max(1, round(fraction / 2 * heads * head_dim)) if fraction > 0 else 0
@@ -159,6 +177,8 @@ def quantize(x: torch.Tensor, spec: QuantSpec, kind: str, tables: LayerTables,
     """
     b, h, n, d = x.shape
     x = x.float()
+    if rotates(spec, kind):                                            # values in Hadamard basis
+        x = x @ hadamard(d, x.device)
     frac = spec.key_fraction if kind == "k" else spec.value_fraction
     if kind == "k" and spec.key_axis == "channel" and spec.key_ranges == "calibrated":
         if tables.key_lo is None:
@@ -168,7 +188,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, kind: str, tables: LayerTables,
         zero, scale = (hi + lo) / 2, ((hi - lo) / 2).clamp_min(1e-6)
         stored_zero = stored_scale = None
         z, s = zero[None, :, None, :], scale[None, :, None, :]
-        outliers = ((x < lo[None, :, None, :]) | (x > hi[None, :, None, :])) if frac > 0 else None
+        outliers = ((x - z).abs() > s * (1 + RANGE_TOLERANCE)) if frac > 0 else None
         group = 1
     else:
         if kind == "k" and spec.key_axis == "channel":                  # KIVI-like, online groups
@@ -187,7 +207,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, kind: str, tables: LayerTables,
     table = tables.key_table if kind == "k" else tables.value_table
     u = ((x - z) / s).clamp_(-1.0, 1.0)
     codes = round_to_levels(u, levels.to(x.device))                     # (B, H, n, D) uint8
-    deq = table.to(x.device)[codes.long()] * s + z
+    deq = lookup_levels(table.to(x.device), codes) * s + z
     keep = torch.zeros_like(x, dtype=torch.bool) if outliers is None else outliers.clone()
     n_sink = max(0, min(spec.sink_tokens - start, n))
     if n_sink:
@@ -214,7 +234,7 @@ def dequantize(q: Quantized, spec: QuantSpec, kind: str, tables: LayerTables,
         group = spec.key_group if (kind == "k" and q.zero.dim() == 4) else 1
         z = _expand(q.zero.float(), codes.shape, group)
         s = _expand(q.scale.float(), codes.shape, group)
-    out = table[codes] * s + z
+    out = lookup_levels(table, codes) * s + z
     if q.outlier_index.numel():
         b, h, d = q.batch, q.heads, q.head_dim
         idx = q.outlier_index.long()
@@ -222,4 +242,6 @@ def dequantize(q: Quantized, spec: QuantSpec, kind: str, tables: LayerTables,
         bi, rest = rest // (h * d), rest % (h * d)
         hi_, di = rest // d, rest % d
         out.index_put_((bi, hi_, tok, di), q.outlier_delta.float(), accumulate=True)
+    if rotates(spec, kind):                                            # back from Hadamard basis
+        out = out @ hadamard(q.head_dim, out.device)
     return out.to(dtype)

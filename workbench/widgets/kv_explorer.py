@@ -7,7 +7,7 @@
 The explorer shows, for one layer and KV head of a real text window: |keys| per channel before
 and after RoPE and |values| (tokens x channels heatmaps: RoPE smears the fixed outlier channels
 of the pre-RoPE keys); the histogram of the normalized pre-RoPE keys against the learned
-(Fisher-weighted k-means) levels and the uniform levels; the keys outside the calibrated
+(Fisher-weighted k-means) levels of that head and the uniform levels; the keys outside the calibrated
 per-channel range (the 1% sparse outliers); and the reconstruction error of each method.
 """
 
@@ -49,7 +49,8 @@ def explorer_figure(kv: CapturedKV, calibration, layer: int = 10, head: int = 0,
     inl = u[~outlier].clamp(-1, 1)
     fig.add_trace(go.Histogram(x=inl.numpy(), nbinsx=120, histnorm="probability density",
                                marker_color="#9aa", name="keys (inliers)"), row=2, col=1)
-    for levels, color, name, y in ((tables.key_levels, "#d62728", "learned levels", 0.0),
+    learned = tables.key_levels if tables.key_levels.dim() == 1 else tables.key_levels[head]
+    for levels, color, name, y in ((learned, "#d62728", "learned levels", 0.0),
                                    (uniform_levels(bits), "#1f77b4", "uniform levels", -0.15)):
         fig.add_trace(go.Scatter(x=levels.numpy(), y=[y] * len(levels), mode="markers",
                                  marker=dict(symbol="line-ns-open", size=14, color=color,
