@@ -126,7 +126,7 @@ def test_method_names_and_errors():
         method("kivi")
     full = ablation(3)[-1]                   # the ingredients added up give the default method
     assert full.name.endswith("KVQuant)") and replace(full, name="nuq3-1%") == method("nuq3-1%")
-    assert len(leave_one_out(3)) == 11
+    assert len(leave_one_out(3)) == 12
     assert ablation(3)[-1] == replace(method("nuq3-1%"), name=ablation(3)[-1].name)
     # one Fisher-allocated key outlier budget for the whole model, at every width
     assert all(method(f"nuq{b}-1%").key_outliers == "fisher-model" for b in (2, 3, 4))
@@ -181,7 +181,7 @@ def test_model_allocated_ranges(model_tok):
     acts = [{"k": x, "gk": torch.full_like(x, 1e-3)} for x in (light, heavy)]
     res = model_allocated_ranges(acts, Rotary(model_tok[0]), [0.0, 0.01], n_bins=64)
     lo, hi = res["k.pre.0.01m.lo"], res["k.pre.0.01m.hi"]                # (2, H, D)
-    assert lo.shape == (2, h, d) and res["k.post.0.01m.count"].shape == (2, 64)
+    assert lo.shape == (2, h, d) and res["k.post.0.01m.count"].shape == (2, h, 64)
     body = [x[:, 1:].reshape(-1, h, d) for x in (light, heavy)]         # the sink is left out
     frac = [((x < lo[i]) | (x > hi[i])).float().mean() for i, x in enumerate(body)]
     assert frac[1] > 0.01 > frac[0]
@@ -229,14 +229,14 @@ def test_model_value_tails():
     res = model_value_tails(acts, [0.0, 0.01], n_bins=64)
     tails = res["v.0.01m.tails"]                                        # (2, 2)
     k = token_tails(0.01, h, d)
-    assert res["v.0.01m.count"].shape == (2, 64)
+    assert res["v.0.01m.count"].shape == (2, h, 64)
     assert int(tails.sum()) == 2 * k * 2                                # same total outliers
     assert int(tails[1].sum()) > 2 * k > int(tails[0].sum())
     lv = uniform_levels(3)
     err = {}
     for name, spec_tails in (("model", [tuple(r) for r in tails.tolist()]), ("token", [None] * 2)):
         spec = method("kvquant", 3, levels="uniform", q_norm=False, sink_tokens=0,
-                      key_outlier_share=0.5,
+                      key_outlier_share=0.5, value_rotation="none",
                       value_outliers="fisher-model" if name == "model" else "token")
         total = 0.0
         for x, tl in zip((light, heavy), spec_tails, strict=True):
@@ -648,7 +648,7 @@ def test_bad_input_errors(model_tok, calib):
         KVQuantCache(model, "nuq3-1%", other)
     with pytest.raises(WorkbenchError, match="outlier fractions"):
         KVQuantCache(model, replace(method("nuq3-1%"), outlier_fraction=0.05), calib)
-    older = Calibration({k: v for k, v in calib.tensors.items() if not re.search(r"\dm\.", k)},
+    older = Calibration({k: v for k, v in calib.tensors.items() if not re.search(r"\dmr?\.", k)},
                         calib.settings)                                  # before "fisher-model"
     with pytest.raises(WorkbenchError, match="key_outliers='fisher-model'.*recalibrate"):
         KVQuantCache(model, "nuq3-1%", older)
