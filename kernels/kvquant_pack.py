@@ -29,7 +29,12 @@ from kernels.dispatch import HAS_TRITON, pick_backend, tl, triton
 from kernels.kvquant_layout import pack_codes
 from workbench.errors import WorkbenchError
 
-RANGE_TOLERANCE = 1e-4      # = workbench.kvquant.quantize.RANGE_TOLERANCE (see there)
+RANGE_TOLERANCE = 1e-4  # a key within this fraction of its half-range outside the calibrated
+#                         range is an inlier (clamped to the end level, error ~1e-4 of the range):
+#                         the cache undoes RoPE in float32, and a layer-0 key of a frequent token
+#                         that sits exactly on a calibrated quantile must not flip to an outlier
+#                         by rounding. The reference quantizer (workbench.kvquant.quantize) and
+#                         the calibration use this same constant.
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

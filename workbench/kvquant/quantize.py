@@ -31,16 +31,11 @@ from dataclasses import dataclass
 import torch
 
 from kernels.hadamard import hadamard
+from kernels.kvquant_pack import RANGE_TOLERANCE  # keys this close outside the range: inliers
 from workbench.errors import WorkbenchError
 from workbench.kvquant.levels import lookup_levels, round_to_levels
 from workbench.kvquant.methods import QuantSpec
 from workbench.kvquant.packing import pack_codes, unpack_codes
-
-RANGE_TOLERANCE = 1e-4  # a key within this fraction of its half-range outside the calibrated
-#                         range is an inlier (clamped to the end level, error ~1e-4 of the range):
-#                         the cache undoes RoPE in float32, and a layer-0 key of a frequent token
-#                         that sits exactly on a calibrated quantile must not flip to an outlier
-#                         by rounding
 
 
 @dataclass
