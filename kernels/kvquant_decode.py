@@ -114,7 +114,7 @@ import torch
 
 from kernels.dispatch import HAS_TRITON, is_interpreted, pick_backend, tl, triton
 from kernels.hadamard import hadamard
-from kernels.kvquant_layout import unpack_codes
+from kernels.kvquant_layout import lookup_levels, unpack_codes
 from kernels.lse_merge import merge_attention_partials
 from workbench.errors import WorkbenchError
 
@@ -234,13 +234,6 @@ def _unpack(planes: torch.Tensor) -> torch.Tensor:
     return unpack_codes(planes).long()
 
 
-def _levels_of(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """table[codes] for codes (B, H, S, D): one table (K,), or one per KV head (H, K)."""
-    if table.dim() == 1:
-        return table[codes]
-    return table[torch.arange(table.shape[0], device=codes.device)[None, :, None, None], codes]
-
-
 def csr_entries(ptr: torch.Tensor, idx: torch.Tensor, bh_count: int, head_dim: int,
                 block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each block-CSR entry's (batch x head, token, channel), int64 (E,) each."""
@@ -262,10 +255,10 @@ def _scatter_csr(dense: torch.Tensor, ptr, idx, val, block: int) -> torch.Tensor
 def dequantize_packed(p: PackedKV, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Post-RoPE keys and values (B, H, S, D) in `dtype` (float32 or float64 math)."""
     b, h, s, d, _ = p.shape
-    k = _levels_of(p.k_table.to(dtype), _unpack(p.k_planes)) * p.k_scale.to(dtype)[None, :, None] \
+    k = lookup_levels(p.k_table.to(dtype), _unpack(p.k_planes)) * p.k_scale.to(dtype)[None, :, None] \
         + p.k_zero.to(dtype)[None, :, None]
     k = _scatter_csr(k, p.k_ptr, p.k_idx, p.k_val, p.block)
-    v = _levels_of(p.v_table.to(dtype), _unpack(p.v_planes)) * p.v_scale.to(dtype)[..., None] \
+    v = lookup_levels(p.v_table.to(dtype), _unpack(p.v_planes)) * p.v_scale.to(dtype)[..., None] \
         + p.v_zero.to(dtype)[..., None]
     v = _scatter_csr(v, p.v_ptr, p.v_idx, p.v_val, p.block)
     if p.v_hadamard:                                                   # back from the basis

@@ -71,3 +71,14 @@ def unpack_codes(planes: torch.Tensor) -> torch.Tensor:
     for j in range(bits):
         codes |= ((w[..., j, :, :, :, :] >> sh[j][:, None]) & 1) << j
     return codes.reshape(*lead, d).to(torch.uint8)
+
+
+def lookup_levels(table: torch.Tensor, codes: torch.Tensor, head_dim: int = 1) -> torch.Tensor:
+    """table[codes]: `table` (K,) for every element, or (H, K) with heads along `codes`'s dim
+    `head_dim` (per-head level tables). codes: integer tensor of any shape."""
+    if table.dim() == 1:
+        return table[codes.long()]
+    shape = [1] * codes.dim()
+    shape[head_dim] = table.shape[0]
+    heads = torch.arange(table.shape[0], device=codes.device).view(shape)
+    return table[heads, codes.long()]

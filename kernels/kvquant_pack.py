@@ -17,6 +17,13 @@ table per KV head, h = (r // rows_per_head) % heads), packed into bit planes (ro
 residual (rows, D) holding x - dequant(code) at the outliers and at the rows of sink positions
 (position < n_sink), 0 elsewhere. The caller keeps the nonzero residuals as the sparse part.
 
+Per-channel keys may be rounded with error feedback (`feedback`: (heads, D, D), the upper
+Cholesky factor U of the damped inverse Fisher matrix of the layer's keys, per KV head): the
+channels are rounded in order, and channel c's error e (its value minus its dequantized level;
+0 at outliers and sinks, which are kept exactly) is subtracted from the later channels as
+e / U[c, c] * U[c, c+1:] (GPTQ's update; `round_with_feedback`). The residual then holds the
+error-fed value minus its level at the outliers and sinks.
+
 Bytes: reads rows * D inputs once; writes bits/8 bytes per element, 4 bytes per row, and the
 residual (2 bytes per element; a fused compaction would write only the ~1% nonzeros).
 """
@@ -43,12 +50,46 @@ def _pack_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return pack_codes(codes, bits)                                    # (rows, bits, D/8)
 
 
+def round_with_feedback(x: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor,
+                        keep: torch.Tensor, levels: torch.Tensor, table: torch.Tensor,
+                        factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-level rounding of per-channel keys, channel by channel, with error feedback.
+
+    x, keep (H, M, D): M key vectors per KV head and the elements kept exactly (outliers,
+    sinks); zero, scale broadcastable to x; levels, table (K,) or (H, K); factor (H, D, D): U,
+    the upper Cholesky factor of the damped inverse Fisher matrix of the keys. Channel c is
+    rounded after the errors of channels < c were fed into it; its error err = value - level
+    (0 where kept) is spread as w[c+1:] -= err / U[c, c] * U[c, c+1:], which lowers the
+    Fisher-weighted error err^T F err of the whole vector (GPTQ, Frantar et al. 2022, with F in
+    place of the weight Hessian). Returns codes (H, M, D) int64 and the error-fed values w
+    (H, M, D) float32 (the sparse part stores w - level where kept)."""
+    w = x.float().clone()
+    h, m, d = w.shape
+    zero, scale = zero.float().expand(h, m, d), scale.float().expand(h, m, d)
+    lv, tb = levels.float().to(x.device), table.float().to(x.device)
+    mids = (lv[..., 1:] + lv[..., :-1]) / 2                           # (K-1,) | (H, K-1)
+    mids = mids[:, None, :] if mids.dim() == 2 else mids              # (H, 1, K-1) per head
+    heads = torch.arange(h, device=x.device)[:, None]                 # (H, 1)
+    factor = factor.float().to(x.device)
+    codes = torch.empty(h, m, d, dtype=torch.long, device=x.device)
+    for c in range(d):
+        col, z, s = w[..., c], zero[..., c], scale[..., c]             # (H, M)
+        code = (((col - z) / s).clamp(-1.0, 1.0)[..., None] > mids).sum(-1)
+        codes[..., c] = code
+        if c + 1 < d:
+            level = (tb[heads, code] if tb.dim() == 2 else tb[code]) * s + z
+            err = torch.where(keep[..., c], 0.0, col - level) / factor[:, c, c][:, None]
+            w[..., c + 1:] -= err[..., None] * factor[:, None, c, c + 1:]
+    return codes, w
+
+
 def quantize_pack_reference(x, levels, table, bits, *, cut_lo=None, cut_hi=None, lo=None,
                             hi=None, heads=1, rows_per_head=1, pos0=0, n_sink=0,
-                            outliers=True):
+                            outliers=True, feedback=None):
     """PyTorch reference. x (rows, D). Per-token mode: cut_lo/cut_hi (rows,). Per-channel mode:
-    lo/hi (heads, D). levels, table: (K,) or (heads, K). Returns planes (rows, bits, D/8) uint8, zero (rows,) fp16 | None,
-    scale (rows,) fp16 | None, residual (rows, D) fp16."""
+    lo/hi (heads, D), optionally `feedback` (heads, D, D). levels, table: (K,) or (heads, K).
+    Returns planes (rows, bits, D/8) uint8, zero (rows,) fp16 | None, scale (rows,) fp16 |
+    None, residual (rows, D) fp16."""
     xf = x.float()
     rows, d = xf.shape
     r = torch.arange(rows, device=x.device)
@@ -67,15 +108,27 @@ def quantize_pack_reference(x, levels, table, bits, *, cut_lo=None, cut_hi=None,
         out = ((xf - z).abs() > s * (1 + RANGE_TOLERANCE)) if outliers \
             else torch.zeros_like(xf, dtype=torch.bool)
         zero16 = scale16 = None
-    u = ((xf - z) / s).clamp(-1.0, 1.0)
-    lv = levels.float().to(x.device)
-    mids = (lv[..., 1:] + lv[..., :-1]) / 2                           # (K-1,) | (heads, K-1)
-    mids = mids[h][:, None, :] if mids.dim() == 2 else mids           # (rows, 1, K-1) per head
-    codes = (u[..., None] > mids).sum(-1)                             # (rows, D)
-    tb = table.float().to(x.device)
-    deq = (tb[h[:, None], codes] if tb.dim() == 2 else tb[codes]) * s + z
     sink = (pos0 + r % rows_per_head) < n_sink
     keep = out | sink[:, None]
+    if feedback is not None:                                          # the rows of each head
+        codes = torch.empty(rows, d, dtype=torch.long, device=x.device)
+        xf = xf.clone()
+        for j in range(heads):
+            sel = h == j
+            def pick(t, j=j):
+                return t[j] if t.dim() == 2 else t
+            cj, wj = round_with_feedback(xf[sel][None], z[sel][None], s[sel][None],
+                                         keep[sel][None], pick(levels), pick(table),
+                                         feedback[j:j + 1])
+            codes[sel], xf[sel] = cj[0], wj[0]
+    else:
+        u = ((xf - z) / s).clamp(-1.0, 1.0)
+        lv = levels.float().to(x.device)
+        mids = (lv[..., 1:] + lv[..., :-1]) / 2                       # (K-1,) | (heads, K-1)
+        mids = mids[h][:, None, :] if mids.dim() == 2 else mids       # (rows, 1, K-1) per head
+        codes = (u[..., None] > mids).sum(-1)                         # (rows, D)
+    tb = table.float().to(x.device)
+    deq = (tb[h[:, None], codes] if tb.dim() == 2 else tb[codes]) * s + z
     residual = torch.where(keep, xf - deq, 0.0).half()
     return _pack_planes(codes, bits), zero16, scale16, residual
 
@@ -85,10 +138,11 @@ if HAS_TRITON:
     @triton.jit
     def _kvq_pack_kernel(
         x_ptr, planes_ptr, zero_ptr, scale_ptr, res_ptr,
-        cutlo_ptr, cuthi_ptr, lo_ptr, hi_ptr, mids_ptr, table_ptr,
+        cutlo_ptr, cuthi_ptr, lo_ptr, hi_ptr, mids_ptr, table_ptr, fb_ptr,
         rows, heads, rows_per_head, pos0, n_sink, table_stride, mid_stride,
         D: tl.constexpr, BITS: tl.constexpr, K: tl.constexpr, BLOCK_R: tl.constexpr,
         PER_CHANNEL: tl.constexpr, OUTLIERS: tl.constexpr, TOL: tl.constexpr,
+        FEEDBACK: tl.constexpr,
     ):
         # table_stride, mid_stride: K, K - 1 for one level table per KV head; 0, 0 for one
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -121,14 +175,37 @@ if HAS_TRITON:
             tl.store(scale_ptr + r, s16, mask=r_ok)
             z = z16.to(tl.float32)[:, None]
             s = s16.to(tl.float32)[:, None]
-        u = tl.minimum(tl.maximum((x - z) / s, -1.0), 1.0)
-        code = tl.zeros([BLOCK_R, D], dtype=tl.int32)
-        mid_row = mids_ptr + h * mid_stride                                # (BLOCK_R,)
-        for k in tl.static_range(K - 1):
-            code += (u > tl.load(mid_row + k, mask=r_ok, other=0.0)[:, None]).to(tl.int32)
-        deq = tl.load(table_ptr + (h * table_stride)[:, None] + code) * s + z
         pos = pos0 + r % rows_per_head
         keep = out | (pos < n_sink)[:, None]
+        mid_row = mids_ptr + h * mid_stride                                # (BLOCK_R,)
+        code = tl.zeros([BLOCK_R, D], dtype=tl.int32)
+        if FEEDBACK:                   # channel by channel, errors fed forward (module doc)
+            w = x
+            zb = z + tl.zeros([BLOCK_R, D], dtype=tl.float32)
+            sb = s + tl.zeros([BLOCK_R, D], dtype=tl.float32)
+            for c in range(D):
+                sel = (d == c)[None, :]
+                col = tl.sum(tl.where(sel, w, 0.0), axis=1)                # (BLOCK_R,)
+                zc = tl.sum(tl.where(sel, zb, 0.0), axis=1)
+                sc = tl.sum(tl.where(sel, sb, 0.0), axis=1)
+                kc = tl.sum(tl.where(sel, keep.to(tl.int32), 0), axis=1) > 0
+                uc = tl.minimum(tl.maximum((col - zc) / sc, -1.0), 1.0)
+                cc = tl.zeros([BLOCK_R], dtype=tl.int32)
+                for k in tl.static_range(K - 1):
+                    cc += (uc > tl.load(mid_row + k, mask=r_ok, other=0.0)).to(tl.int32)
+                level = tl.load(table_ptr + h * table_stride + cc) * sc + zc
+                code = tl.where(sel, cc[:, None], code)
+                x = tl.where(sel, col[:, None], x)                         # error-fed values
+                err = tl.where(kc, 0.0, col - level) / tl.load(
+                    fb_ptr + h * (D * D) + c * (D + 1), mask=r_ok, other=1.0)
+                u_row = tl.load(fb_ptr + h[:, None] * (D * D) + c * D + d[None, :],
+                                mask=r_ok[:, None] & (d > c)[None, :], other=0.0)
+                w = w - err[:, None] * u_row
+        else:
+            u = tl.minimum(tl.maximum((x - z) / s, -1.0), 1.0)
+            for k in tl.static_range(K - 1):
+                code += (u > tl.load(mid_row + k, mask=r_ok, other=0.0)[:, None]).to(tl.int32)
+        deq = tl.load(table_ptr + (h * table_stride)[:, None] + code) * s + z
         res = tl.where(keep, x - deq, 0.0)
         tl.store(res_ptr + r64[:, None] * D + d[None, :], res.to(tl.float16), mask=r_ok[:, None])
         # bit planes (kernels.kvquant_layout): word w of plane j holds bit j of the codes of
@@ -151,7 +228,7 @@ else:
 
 
 def quantize_pack(x, levels, table, bits, *, cut_lo=None, cut_hi=None, lo=None, hi=None,
-                  heads=1, rows_per_head=1, pos0=0, n_sink=0, outliers=True,
+                  heads=1, rows_per_head=1, pos0=0, n_sink=0, outliers=True, feedback=None,
                   backend: str = "auto"):
     """Quantize and pack rows of appended tokens (module docstring); same returns as
     `quantize_pack_reference`. backend: "auto" | "triton" | "torch"."""
@@ -164,10 +241,16 @@ def quantize_pack(x, levels, table, bits, *, cut_lo=None, cut_hi=None, lo=None, 
     if levels.dim() == 2 and (levels.shape[0] != heads or table.shape != levels.shape):
         raise WorkbenchError(f"quantize_pack: level tables {tuple(levels.shape)} and "
                              f"{tuple(table.shape)} for {heads} heads: give (K,) or (heads, K).")
+    if feedback is not None and (lo is None or tuple(feedback.shape) != (heads, d, d)):
+        raise WorkbenchError(f"quantize_pack: error feedback is for per-channel keys and needs "
+                             f"(heads, D, D) = ({heads}, {d}, {d}) factors, got "
+                             f"{None if feedback is None else tuple(feedback.shape)}"
+                             f"{' without lo/hi' if lo is None else ''}.")
     which = pick_backend(backend, (x,), _kvq_pack_kernel, op="quantize_pack",
                          supported_dtypes=SUPPORTED_DTYPES)
     kw = dict(cut_lo=cut_lo, cut_hi=cut_hi, lo=lo, hi=hi, heads=heads,
-              rows_per_head=rows_per_head, pos0=pos0, n_sink=n_sink, outliers=outliers)
+              rows_per_head=rows_per_head, pos0=pos0, n_sink=n_sink, outliers=outliers,
+              feedback=feedback)
     if which == "torch":
         return quantize_pack_reference(x, levels, table, bits, **kw)
     dev = x.device
@@ -191,9 +274,10 @@ def quantize_pack(x, levels, table, bits, *, cut_lo=None, cut_hi=None, lo=None, 
             lo.float().contiguous() if per_channel else dummy,
             hi.float().contiguous() if per_channel else dummy,
             mids, table.float().to(dev).contiguous(),
+            feedback.float().to(dev).contiguous() if feedback is not None else dummy,
             rows, heads, rows_per_head, pos0, n_sink, *((lv.shape[-1], lv.shape[-1] - 1)
                                                           if lv.dim() == 2 else (0, 0)),
             D=d, BITS=bits, K=lv.shape[-1], BLOCK_R=block_r, PER_CHANNEL=per_channel,
-            OUTLIERS=bool(outliers), TOL=RANGE_TOLERANCE,
+            OUTLIERS=bool(outliers), TOL=RANGE_TOLERANCE, FEEDBACK=feedback is not None,
         )
     return planes, zero, scale, residual

@@ -90,6 +90,8 @@ def run_kvquant_ops() -> None:
         lo = torch.randn(3, 64, generator=gen) - 1
         quantize_pack(x, lv, lv, bits, lo=lo, hi=lo + 2, heads=3, rows_per_head=3, pos0=0,
                       n_sink=1, backend="triton")
+        quantize_pack(x, lv, lv, bits, lo=lo, hi=lo + 2, heads=3, rows_per_head=3, pos0=0,
+                      n_sink=1, feedback=torch.eye(64).expand(3, 64, 64), backend="triton")
     merge_attention_partials(torch.randn(2, 4, 3, 64).to(BF16), torch.randn(2, 4, 3),
                              backend="triton")
     kw = torch.randn(1, 2, 37, 64, generator=gen).to(BF16)

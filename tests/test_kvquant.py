@@ -21,6 +21,8 @@ from workbench.kvquant import (
     forward_with_cache,
     fused_decode,
     geometry,
+    heldout_windows,
+    kl_to_reference,
     load_calibration,
     method,
     perplexity,
@@ -126,7 +128,10 @@ def test_method_names_and_errors():
         method("kivi")
     full = ablation(3)[-1]                   # the ingredients added up give the default method
     assert full.name.endswith("KVQuant)") and replace(full, name="nuq3-1%") == method("nuq3-1%")
-    assert len(leave_one_out(3)) == 12
+    assert len(leave_one_out(3)) == 13
+    assert method("nuq3-1%").key_rounding == "feedback" and method("kivi-3").key_rounding == "nearest"
+    with pytest.raises(WorkbenchError, match="key_rounding must be"):
+        method("nuq3-1%", key_rounding="stochastic")
     assert ablation(3)[-1] == replace(method("nuq3-1%"), name=ablation(3)[-1].name)
     # one Fisher-allocated key outlier budget for the whole model, at every width
     assert all(method(f"nuq{b}-1%").key_outliers == "fisher-model" for b in (2, 3, 4))
@@ -380,6 +385,33 @@ def test_cache_matches_fp16_and_orders_methods(model_tok, calib, text_ids):
     assert ppl["nuq4-1%"] < ppl["fp16"] * 1.03
 
 
+def test_key_error_feedback_lowers_kl(model_tok, calib, text_ids):
+    """Real text: rounding keys with Fisher error feedback (KVQuant's default) is closer to the
+    unquantized model than nearest rounding, at the same bytes."""
+    model = model_tok[0]
+    nearest = method("nuq3-1%", key_rounding="nearest")
+    rows = kl_to_reference(model, text_ids, ["nuq3-1%", nearest], calib, progress=False)
+    assert 0 < rows[0]["kl"] < 0.9 * rows[1]["kl"]
+
+
+def test_heldout_windows_and_specs(model_tok):
+    """Settings are chosen on windows that neither the evaluation nor the calibration reads."""
+    from workbench.data import text_chunks
+    from workbench.kvquant.evaluate import HELDOUT_CHOICES, heldout_specs
+
+    tok = model_tok[1]
+    held = heldout_windows(tok)
+    assert held.shape == (8, 1024)
+    evaluation = text_chunks(tok, 1024, 8, "python_docs")
+    calibration = text_chunks(tok, 512, 16, "sharegpt").reshape(-1)
+    for w in held:
+        assert not (evaluation == w).all(1).any()
+        assert not any(torch.equal(w[:512], calibration[i:i + 512])
+                       for i in range(0, len(calibration) - 511, 512))
+    specs = heldout_specs((3,))
+    assert specs[0] == method("nuq3-1%") and [s.name for s in specs[1:]] == list(HELDOUT_CHOICES)
+
+
 def test_cache_batch_and_kivi_pending(model_tok, calib, text_ids):
     model = model_tok[0]
     cache = KVQuantCache(model, "kivi-3", recent_window=0)
@@ -619,6 +651,10 @@ def test_calibrate_save_load(model_tok, tmp_path, text_ids):
     summed = cal.tensors["k.pre.0.01m.fisher"][4].sum(0)
     assert torch.equal(per_layer.key_levels, kmeans_levels(summed, 2))
     assert not torch.equal(tables.key_levels[0], tables.key_levels[1])
+    fim = cal.tensors["k.pre.fim"]                                      # keys' Fisher matrices
+    assert fim.shape == (30, 3, 64, 64) and torch.allclose(fim, fim.transpose(-1, -2))
+    u = again.tables(4, method("nuq2-1%")).key_feedback                 # its feedback factor
+    assert u.shape == (3, 64, 64) and torch.equal(u, u.triu()) and (u.diagonal(0, 1, 2) > 0).all()
 
 
 def test_bad_input_errors(model_tok, calib):
@@ -638,6 +674,13 @@ def test_bad_input_errors(model_tok, calib):
     with pytest.raises(WorkbenchError, match="Hadamard-rotated"):
         no_rot.tables(0, method("nuq3-1%"))
     assert no_rot.tables(0, method("nuq3-1%", value_rotation="none")).key_lo is not None
+    no_fim = Calibration({k: v for k, v in calib.tensors.items() if not k.endswith(".fim")},
+                         calib.settings)                                 # before key feedback
+    with pytest.raises(WorkbenchError, match="Fisher matrices of the keys.*nearest"):
+        no_fim.tables(0, method("nuq3-1%"))
+    assert no_fim.tables(0, method("nuq3-1%", key_rounding="nearest")).key_feedback is None
+    with pytest.raises(WorkbenchError, match="key_rounding='feedback' needs per-channel"):
+        method("kivi", 3, key_rounding="feedback")
     with pytest.raises(WorkbenchError, match="too short"):
         calibrate(model, ids=torch.zeros(2, 100, dtype=torch.long), progress=False)
     with pytest.raises(WorkbenchError, match="needs a calibration"):

@@ -14,7 +14,7 @@ from kernels.kvquant_decode import (
     kvquant_decode_reference,
     kvquant_decode_triton,
 )
-from kernels.kvquant_pack import quantize_pack, quantize_pack_reference
+from kernels.kvquant_pack import quantize_pack, quantize_pack_reference, round_with_feedback
 from kernels.testing import TEST_DEVICE, assert_matches_reference, fresh_seed
 from kernels.testing import needs_triton as needs_triton_for
 from workbench.errors import WorkbenchError
@@ -184,6 +184,64 @@ def test_pack_kernel_matches_reference(bits, mode, per_head):
             torch.testing.assert_close(a.float(), b.float(), atol=1e-3, rtol=1e-3)
 
 
+def _random_fisher(heads, d, gen, rank=4):
+    """Fisher-like (H, D, D): a few dominant directions (as the keys' gradients have) + noise."""
+    a = torch.randn(heads, d, rank, generator=gen) * 3
+    b = torch.randn(heads, d, 4 * d, generator=gen) * 0.1
+    return a @ a.transpose(1, 2) + b @ b.transpose(1, 2) / (4 * d)
+
+
+def test_round_with_feedback_first_principles():
+    """Diagonal Fisher: no feedback (= nearest rounding). Correlated Fisher: lower
+    Fisher-weighted error e^T F e than nearest rounding; kept elements exact, never fed."""
+    from workbench.kvquant.calibration import feedback_factor
+
+    gen = torch.Generator().manual_seed(fresh_seed())
+    h, m, d = 2, 200, 32
+    x = torch.randn(h, m, d, generator=gen) * 0.4
+    zero, scale = torch.zeros(1), torch.ones(1)
+    lv = nf_levels(3)
+    keep = torch.rand(h, m, d, generator=gen) < 0.02
+    mids = (lv[1:] + lv[:-1]) / 2
+    nearest = torch.bucketize(x.clamp(-1, 1).contiguous(), mids)
+    diag = torch.diag_embed(torch.rand(h, d, generator=gen) + 0.5)
+    codes, w = round_with_feedback(x, zero, scale, keep, lv, lv, feedback_factor(diag, 0.0))
+    assert torch.equal(codes, nearest) and torch.equal(w, x)
+    fisher = _random_fisher(h, d, gen)
+    codes, w = round_with_feedback(x, zero, scale, keep, lv, lv, feedback_factor(fisher))
+    def cost(deq):                                          # mean e^T F e per vector
+        e = x - deq
+        return float(torch.einsum("hmd,hde,hme->", e, fisher, e)) / (h * m)
+    fed = torch.where(keep, w, lv[codes])                   # kept: the fed value, stored exactly
+    assert cost(fed) < 0.6 * cost(torch.where(keep, x, lv[nearest]))
+    assert torch.equal(w[..., 0], x[..., 0])                # the first channel gets no feedback
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_pack_kernel_feedback_matches_reference(bits, per_head):
+    from workbench.kvquant.calibration import feedback_factor
+
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(37, 32, generator=gen)
+    lv = nf_levels(bits)
+    if per_head:
+        lv = (lv.sign() * lv.abs() ** torch.tensor([[0.8], [1.3]])).sort(-1).values
+    lo = torch.randn(2, 32, generator=gen) - 1.0
+    kw = dict(lo=lo.to(DEVICE), hi=(lo + 2.0).to(DEVICE), heads=2, rows_per_head=7, pos0=0,
+              n_sink=2, feedback=feedback_factor(_random_fisher(2, 32, gen)).to(DEVICE))
+    x, lv = x.to(DEVICE), lv.to(DEVICE)
+    got = quantize_pack(x, lv, lv * 1.05, bits, backend="triton", **kw)
+    ref = quantize_pack_reference(x, lv, lv * 1.05, bits, **kw)
+    plain = quantize_pack_reference(x, lv, lv * 1.05, bits, **{**kw, "feedback": None})
+    assert torch.equal(got[0], ref[0]), f"seed {seed}"
+    assert not torch.equal(ref[0], plain[0])                # feedback changed some codes
+    torch.testing.assert_close(got[3].float(), ref[3].float(), atol=1e-3, rtol=1e-3)
+    assert torch.equal(ref[3] != 0, plain[3] != 0)          # same outliers and sinks kept
+
+
 def test_decode_errors():
     packed = random_layer(1, 2, 40, 64, 3)
     three = torch.stack([nf_levels(3)] * 3)
@@ -196,6 +254,9 @@ def test_decode_errors():
         kvquant_decode_attention(torch.randn(1, 3, 64), packed)
     with pytest.raises(WorkbenchError, match="per-token"):
         quantize_pack(torch.randn(4, 64), nf_levels(3), nf_levels(3), 3)
+    with pytest.raises(WorkbenchError, match="error feedback"):
+        quantize_pack(torch.randn(4, 64), nf_levels(3), nf_levels(3), 3, cut_lo=torch.zeros(4),
+                      cut_hi=torch.ones(4), feedback=torch.eye(64)[None])
 
 
 @needs_triton

@@ -19,6 +19,8 @@ What is measured, per layer (forward + backward passes of the real model, weight
   "fisher-model"), with that variant's level histograms.
 - the same value histograms for values rotated by the orthonormal Hadamard matrix (variant
   suffix "r", `value_rotation="hadamard"`; the gradient rotates with them).
+- the Fisher matrix of the keys per KV head, E[g g^T] (H, D, D) of the loss gradients g, pre-
+  and post-RoPE ("k.pre.fim", "k.post.fim"): key_rounding="feedback" rounds against it.
 - histograms (n_bins over [-1, 1]) of the normalized inlier values per KV head, as counts and
   as summed Fisher information: the level tables for any bit width, per head or per layer (the
   heads' histograms summed), come from these by 1-D k-means in milliseconds
@@ -49,6 +51,8 @@ from workbench.kvquant.quantize import RANGE_TOLERANCE, LayerTables, _token_rang
 
 FORMAT = "workbench-kvquant-calibration/1"
 KEY_OUTLIER_SUFFIX = {"channel": "", "fisher": "a", "fisher-model": "m"}   # key range variants
+FEEDBACK_DAMPING = 0.1  # key error feedback: Fisher matrix + 0.1 * its mean diagonal (the lowest
+#                         held-out KL of 0.001, 0.01 and 0.1 at 4 bits)
 MIN_CALIBRATION_TOKENS = 1024     # fewer tokens give noisy per-channel quantiles
 
 
@@ -164,7 +168,22 @@ class Calibration:
         tails = None
         if f"{vvar}.tails" in self.tensors:
             tails = tuple(int(t) for t in self.tensors[f"{vvar}.tails"][layer])
-        return LayerTables(k_levels, k_table, v_levels, v_table, lo, hi, tails)
+        return LayerTables(k_levels, k_table, v_levels, v_table, lo, hi, tails,
+                           self._key_feedback(layer, spec))
+
+    def _key_feedback(self, layer: int, spec: QuantSpec) -> torch.Tensor | None:
+        """U (H, D, D) for key_rounding="feedback" (`feedback_factor`), else None."""
+        if spec.key_rounding != "feedback":
+            return None
+        name = f"k.{'pre' if spec.pre_rope else 'post'}.fim"
+        if name not in self.tensors:
+            raise WorkbenchError("This calibration file has no Fisher matrices of the keys (it "
+                                 "was made by an older version): recalibrate with "
+                                 "workbench.kvquant.calibrate, or use key_rounding='nearest'.")
+        key = (name, layer)
+        if key not in self._memo:
+            self._memo[key] = feedback_factor(self.tensors[name][layer])
+        return self._memo[key]
 
     # ---- files -------------------------------------------------------------------------------
 
@@ -387,10 +406,11 @@ def calibrate_layer(k_pre, v, gk, gv, rotary: Rotary, fractions, n_bins: int) ->
     def to_bhtd(x):                                             # (N, T, H, D) -> (N, H, T, D)
         return x.permute(0, 2, 1, 3)
     k_post = to_bhtd(Rotary.apply(to_bhtd(k_pre), cos, sin))
-    gk_post = to_bhtd(Rotary.apply(to_bhtd(gk), cos, sin)).pow(2)
-    gk = gk.pow(2)
-    res = {}
+    gk_post = to_bhtd(Rotary.apply(to_bhtd(gk), cos, sin))
     body = slice(1, None)                                       # drop the sink token
+    res = {f"k.{rope}.fim": key_fisher_matrix(g[:, body])
+           for rope, g in (("pre", gk), ("post", gk_post))}
+    gk, gk_post = gk.pow(2), gk_post.pow(2)
     for rope, k, g in (("pre", k_pre, gk), ("post", k_post, gk_post)):
         kb, gb = k[:, body].reshape(-1, h, d), g[:, body].reshape(-1, h, d)     # (M, H, D)
         for f, alloc in [(fr, a) for fr in fractions for a in ("", "a")[:1 + (fr > 0)]]:
@@ -404,6 +424,24 @@ def calibrate_layer(k_pre, v, gk, gv, rotary: Rotary, fractions, n_bins: int) ->
         for f in fractions:
             res.update(value_histograms(f"v.{_fkey(f)}{rot}", vb, gvb, f, n_bins))
     return res
+
+
+def key_fisher_matrix(g: torch.Tensor) -> torch.Tensor:
+    """Fisher matrix of one layer's keys per KV head: g (N, T, H, D) loss gradients ->
+    E[g g^T] over the N*T vectors, (H, D, D) float32. Key error feedback rounds against it."""
+    g = g.reshape(-1, g.shape[-2], g.shape[-1]).double()          # (M, H, D)
+    return (torch.einsum("mhd,mhe->hde", g, g) / len(g)).float()
+
+
+def feedback_factor(fisher: torch.Tensor, damping: float = FEEDBACK_DAMPING) -> torch.Tensor:
+    """(H, D, D) Fisher matrices -> U (H, D, D) float32, the upper Cholesky factor of
+    (F + damping * mean(diag F) * I)^-1, as `kernels.kvquant_pack.round_with_feedback` takes it
+    (GPTQ's damping keeps the inverse well conditioned)."""
+    f = fisher.double()
+    diag = f.diagonal(dim1=-2, dim2=-1)
+    eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
+    f = f + damping * diag.mean(-1)[:, None, None].clamp_min(1e-30) * eye
+    return torch.linalg.cholesky(torch.linalg.inv(f), upper=True).float()
 
 
 def value_histograms(var: str, vb, gvb, fraction: float, n_bins: int, tails=None) -> dict:

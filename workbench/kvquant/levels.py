@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from kernels.kvquant_layout import lookup_levels  # noqa: F401 (re-exported)
 from workbench.errors import WorkbenchError
 
 SUPPORTED_BITS = (2, 3, 4)
@@ -74,17 +75,6 @@ def round_to_levels(u: torch.Tensor, levels: torch.Tensor, head_dim: int = 1) ->
         return out
     mids = (levels[1:] + levels[:-1]) / 2                       # (K-1,) decision boundaries
     return torch.bucketize(u.contiguous(), mids.to(u.dtype)).to(torch.uint8)
-
-
-def lookup_levels(table: torch.Tensor, codes: torch.Tensor, head_dim: int = 1) -> torch.Tensor:
-    """table[codes]: `table` (K,) for every element, or (H, K) with heads along `codes`'s dim
-    `head_dim` (per-head level tables). codes: integer tensor of any shape."""
-    if table.dim() == 1:
-        return table[codes.long()]
-    shape = [1] * codes.dim()
-    shape[head_dim] = table.shape[0]
-    heads = torch.arange(table.shape[0], device=codes.device).view(shape)
-    return table[heads, codes.long()]
 
 
 def _weighted_quantiles(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.hadamard import hadamard
-from kernels.kvquant_pack import RANGE_TOLERANCE  # keys this close outside the range: inliers
+from kernels.kvquant_pack import RANGE_TOLERANCE, round_with_feedback
 from workbench.errors import WorkbenchError
 from workbench.kvquant.levels import lookup_levels, round_to_levels
 from workbench.kvquant.methods import QuantSpec
@@ -51,6 +51,9 @@ class LayerTables:
     key_hi: torch.Tensor | None = None
     value_tails: tuple[int, int] | None = None  # per-token value outliers (smallest, largest)
     #                                            allocated by calibration; None: f/2 per tail
+    key_feedback: torch.Tensor | None = None    # (H, D, D) upper Cholesky factor of the damped
+    #                                            inverse Fisher matrix of the keys (key_rounding
+    #                                            "feedback"), or None
 
     def to(self, device) -> LayerTables:
         """The same tables with every tensor on `device` (a cache on a GPU)."""
@@ -200,13 +203,24 @@ def quantize(x: torch.Tensor, spec: QuantSpec, kind: str, tables: LayerTables,
         s = _expand(stored_scale.float(), x.shape, group)
     levels = tables.key_levels if kind == "k" else tables.value_levels
     table = tables.key_table if kind == "k" else tables.value_table
-    u = ((x - z) / s).clamp_(-1.0, 1.0)
-    codes = round_to_levels(u, levels.to(x.device))                     # (B, H, n, D) uint8
-    deq = lookup_levels(table.to(x.device), codes) * s + z
     keep = torch.zeros_like(x, dtype=torch.bool) if outliers is None else outliers.clone()
     n_sink = max(0, min(spec.sink_tokens - start, n))
     if n_sink:
         keep[:, :, :n_sink] = True
+    if kind == "k" and spec.key_rounding == "feedback":                 # per channel, calibrated
+        if tables.key_feedback is None:
+            raise WorkbenchError("key_rounding='feedback' needs the keys' Fisher matrices from "
+                                 "a calibration (tables.key_feedback is None).")
+        def per_head(t):                                                # (B, H, n, D) -> (H, B*n, D)
+            return t.expand(b, h, n, d).transpose(0, 1).reshape(h, b * n, d)
+        codes, x = round_with_feedback(per_head(x), per_head(z), per_head(s), per_head(keep),
+                                       levels, table, tables.key_feedback)
+        codes = codes.view(h, b, n, d).transpose(0, 1).to(torch.uint8)  # (B, H, n, D)
+        x = x.view(h, b, n, d).transpose(0, 1)                          # error-fed keys
+    else:
+        u = ((x - z) / s).clamp_(-1.0, 1.0)
+        codes = round_to_levels(u, levels.to(x.device))                 # (B, H, n, D) uint8
+    deq = lookup_levels(table.to(x.device), codes) * s + z
     bb, hh, ss, dd = keep.nonzero(as_tuple=True)
     index = ((ss + start) * b + bb) * h * d + hh * d + dd
     if index.numel() and int(index.max()) >= 2 ** 31:
