@@ -177,7 +177,8 @@ def random_layer(batch: int, kv_heads: int, seq: int, head_dim: int, bits: int =
     k = (torch.randn(shape, generator=gen) * chan).to(device)
     v = torch.randn(shape, generator=gen).to(device)
     spec = method("kvquant", bits, outlier_fraction=outlier_fraction, sink_tokens=sink_tokens,
-                  levels="nf", q_norm=False, value_rotation=value_rotation)
+                  levels="nf", q_norm=False, value_rotation=value_rotation,
+                  key_rounding="nearest")                  # no Fisher matrix: nearest codes
     flat = k.permute(1, 3, 0, 2).reshape(kv_heads, head_dim, -1)          # (H, D, B*S)
     m = flat.shape[-1]
     if outlier_fraction > 0:
