@@ -263,7 +263,7 @@ def test_quantize_outliers_and_sink_exact():
     lv = nf_levels(3)
     lo, hi = x.amin((0, 2)) * 0.5, x.amax((0, 2)) * 0.5                 # many key outliers
     tables = LayerTables(lv, lv, lv, lv, lo, hi)
-    spec = method("kvquant", 3, levels="nf", q_norm=False, sink_tokens=2)
+    spec = method("kvquant", 3, levels="nf", q_norm=False, sink_tokens=2, key_rounding="nearest")
     for kind in ("k", "v"):
         q = quantize(x, spec, kind, tables, start=0)
         back = dequantize(q, spec, kind, tables)
@@ -473,7 +473,8 @@ def test_growing_pack_equals_pack_of_the_whole():
     boundaries): the growing block-CSR equals the one sorted from the whole layer."""
     gen = torch.Generator().manual_seed(fresh_seed())
     b, h, d, block = 2, 3, 32, 32
-    spec = method("kvquant", 3, outlier_fraction=0.05, sink_tokens=1, levels="nf", q_norm=False)
+    spec = method("kvquant", 3, outlier_fraction=0.05, sink_tokens=1, levels="nf", q_norm=False,
+                  key_rounding="nearest")
     x = torch.randn(b, h, 140, d, generator=gen) * (1 + 3 * (torch.rand(d, generator=gen) > 0.9))
     lo, hi = x.amin((0, 2, 3)) * 0.8, x.amax((0, 2, 3)) * 0.8
     lo, hi = lo[:, None].expand(h, d).contiguous(), hi[:, None].expand(h, d).contiguous()
@@ -594,8 +595,12 @@ def test_quantize_appended_matches_reference(name, kind, start, tails):
     if name.startswith("atom"):
         spec = replace(spec, outlier_fraction=0.02)
     lv = nf_levels(spec.bits)
+    from workbench.kvquant.calibration import feedback_factor
+
+    g = torch.randn(h, d, 2 * d, generator=gen) * (torch.rand(h, d, 1, generator=gen) > 0.5)
+    fisher = g @ g.transpose(1, 2) / (2 * d)                     # rank-deficient: damped inverse
     tables = LayerTables(lv, lv, lv, lv * 0.98, x.amin((0, 2)) * 0.7, x.amax((0, 2)) * 0.7,
-                         value_tails=tails)
+                         value_tails=tails, key_feedback=feedback_factor(fisher))
     want = quantize(x, spec, kind, tables, start)
     got = quantize_appended(x, spec, kind, tables, start, backend="triton")
     assert torch.equal(got.codes, want.codes)
