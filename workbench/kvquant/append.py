@@ -58,7 +58,7 @@ def quantize_appended(x: torch.Tensor, spec: QuantSpec, kind: str, tables: Layer
         planes, zero, scale, residual = quantize_pack(
             xf.view(-1, d), levels, table, spec.bits, lo=tables.key_lo, hi=tables.key_hi,
             outliers=frac > 0,
-            feedback=tables.key_feedback if spec.key_rounding == "feedback" else None, **kw)
+            feedback=tables.feedback_for(spec), **kw)
     else:                                                           # per token
         tails = tables.value_tails if kind == "v" else None
         if tails is None:

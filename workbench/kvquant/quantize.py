@@ -55,6 +55,15 @@ class LayerTables:
     #                                            inverse Fisher matrix of the keys (key_rounding
     #                                            "feedback"), or None
 
+    def feedback_for(self, spec: QuantSpec) -> torch.Tensor | None:
+        """The key feedback factor when `spec` rounds keys with feedback, else None."""
+        if spec.key_rounding != "feedback":
+            return None
+        if self.key_feedback is None:
+            raise WorkbenchError("key_rounding='feedback' needs the keys' Fisher matrices from "
+                                 "a calibration (tables.key_feedback is None).")
+        return self.key_feedback
+
     def to(self, device) -> LayerTables:
         """The same tables with every tensor on `device` (a cache on a GPU)."""
         def move(t):
@@ -208,13 +217,10 @@ def quantize(x: torch.Tensor, spec: QuantSpec, kind: str, tables: LayerTables,
     if n_sink:
         keep[:, :, :n_sink] = True
     if kind == "k" and spec.key_rounding == "feedback":                 # per channel, calibrated
-        if tables.key_feedback is None:
-            raise WorkbenchError("key_rounding='feedback' needs the keys' Fisher matrices from "
-                                 "a calibration (tables.key_feedback is None).")
         def per_head(t):                                                # (B, H, n, D) -> (H, B*n, D)
             return t.expand(b, h, n, d).transpose(0, 1).reshape(h, b * n, d)
         codes, x = round_with_feedback(per_head(x), per_head(z), per_head(s), per_head(keep),
-                                       levels, table, tables.key_feedback)
+                                       levels, table, tables.feedback_for(spec))
         codes = codes.view(h, b, n, d).transpose(0, 1).to(torch.uint8)  # (B, H, n, D)
         x = x.view(h, b, n, d).transpose(0, 1)                          # error-fed keys
     else:
